@@ -1,0 +1,138 @@
+"""The `psannlm` command: train, generate, eval and demo (each maps onto a module of psann.lm)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+
+
+def _generation_options(args) -> dict:
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def cmd_generate(args) -> int:
+    from psann.lm import psannLM
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"error: prompt file not found: {path}")
+        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line).")
+    lm = psannLM.load(args.ckpt, device=args.device)
+    options = _generation_options(args)
+    if args.print_config:
+        from psann.lm.config import GenerateConfig
+
+        print(json.dumps(GenerateConfig(**{**lm.generate_config.to_dict(), **options}).to_dict(), indent=2))
+        return 0
+    batch = [p for p in prompts for _ in range(args.num_samples)]
+    for prompt, text in zip(batch, lm.generate_batch(batch, **options)):
+        print(f"--- {prompt!r}\n{prompt}{text}\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from psann.lm.data.loader import TokenWindows
+    from psann.lm.data.text import iter_documents
+    from psann.lm.data.tokens import encode_corpus
+    from psann.lm.eval.evaluate import evaluate_loss
+    from psann.lm.train.checkpoint import load_checkpoint
+
+    model, tok, config = load_checkpoint(args.ckpt, args.device)
+    docs = list(iter_documents(args.data, config.data.doc_separator))
+    corpus = encode_corpus(docs, tok)
+    windows = TokenWindows(corpus, config.model.max_seq_len, True, tok.pad_id)
+    loss, n = evaluate_loss(model, windows, args.batch_size, torch.device(args.device))
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    print(json.dumps({"ckpt": args.ckpt, "data": args.data, "tokens": n, "loss": loss, "ppl": math.exp(min(loss, 50)),
+                      "bits_per_byte": loss * n / math.log(2) / max(1, n_bytes)}, indent=2))
+    return 0
+
+
+def cmd_train(args, extra) -> int:
+    from psann.lm.train.cli import main as train_main
+
+    argv = (["--config", args.config] if args.config else []) + (["--print-config"] if args.print_config else []) + extra
+    return train_main(argv, prog="psannlm train")
+
+
+def cmd_demo(args, extra) -> int:
+    from psann.lm.demo import run_demo
+
+    return run_demo(out=args.out, corpus_bytes=args.corpus_bytes, overrides=extra, print_config=args.print_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from psann import __version__
+
+    parser = argparse.ArgumentParser(prog="psannlm", description="psann-lm: train, sample and evaluate small language models.")
+    parser.add_argument("--version", action="version", version=f"psann-lm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML/TOML/JSON config (+ --section.key=value overrides)")
+    p.add_argument("--config")
+    p.add_argument("--print-config", action="store_true")
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. runs/<name>/checkpoints/final)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--prompt-file", help="file with one prompt per line")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--print-config", action="store_true", help="print the resolved generation settings and exit")
+    _generation_args(p)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on text files")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", nargs="+", required=True, help="text files")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample")
+    p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
+    p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="size of the generated corpus")
+    p.add_argument("--print-config", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from psann.lm.errors import PsannError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "demo"):
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            return cmd_train(args, extra)
+        if args.command == "demo":
+            return cmd_demo(args, extra)
+        return {"generate": cmd_generate, "eval": cmd_eval}[args.command](args)
+    except PsannError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The two public classes: `psannLMDataPrep` (text -> tokenizer -> windows) and `psannLM` (model facade)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .config import DataConfig, GenerateConfig, ModelConfig, RunConfig, TrainConfig
+from .data.loader import TokenWindows
+from .data.text import iter_documents
+from .data.tokens import encode_corpus, split_documents_for_validation
+from .errors import ConfigError, DataError, did_you_mean
+from .infer.generate import generate_tokens
+from .models import build_model, check_base, count_parameters
+from .tokenizers import build_tokenizer, tokenizer_fingerprint
+from .train import checkpoint as ckpt
+from .train.trainer import Trainer, resolve_device
+
+log = logging.getLogger("psann.lm")
+SMALL_DATA_WINDOWS = 8
+
+
+class psannLMDataPrep:
+    """Documents -> trained (or loaded) tokenizer -> train/validation token windows.
+
+    `texts` are strings or file paths. The split is by document (seeded); the tokenizer is trained
+    on the training documents only. File corpora are tokenised into memmaps under `cache_dir`.
+    """
+
+    def __init__(self, texts: str | os.PathLike | Iterable[str | os.PathLike], tokenizer: str = "auto",
+                 tokenizer_model_path: str | None = None, max_length: int = 256, pack_sequences: bool = True,
+                 val_split: float = 0.1, seed: int = 1337, *, vocab_size: int | None = None,
+                 doc_separator: str | None = None, val_texts: Iterable[str | os.PathLike] | None = None,
+                 cache_dir: str | None = None):
+        self.config = DataConfig(tokenizer=tokenizer, tokenizer_model_path=tokenizer_model_path,
+                                 tokenizer_vocab_size=vocab_size, max_length=max_length, pack_sequences=pack_sequences,
+                                 val_split=val_split, seed=seed, doc_separator=doc_separator, cache_dir=cache_dir)
+        items = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
+        if not items:
+            raise DataError("psannLMDataPrep got no texts: pass a list of strings or file paths.")
+        self._from_files = any(isinstance(i, os.PathLike) or (isinstance(i, str) and os.path.isfile(i)) for i in items)
+        if self._from_files:  # record them so a saved checkpoint can say what it was trained on
+            self.config.train_files = [str(i) for i in items if isinstance(i, os.PathLike) or os.path.isfile(str(i))]
+        docs = list(iter_documents(items, doc_separator))
+        if val_texts is not None:
+            train_docs, val_docs = docs, list(iter_documents(val_texts, doc_separator))
+        else:
+            train_docs, val_docs = split_documents_for_validation(docs, val_split, seed)
+        if not train_docs:
+            raise DataError("no training text: every document is empty. Pass non-empty strings or files.")
+        self.tokenizer = build_tokenizer(tokenizer, train_docs, vocab_size=vocab_size, model_path=tokenizer_model_path)
+        cache = None
+        if self._from_files:
+            cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="psann-data-"))
+        self.train_corpus = encode_corpus(train_docs, self.tokenizer, cache / "train.bin" if cache else None)
+        self.val_corpus = encode_corpus(val_docs, self.tokenizer, cache / "val.bin" if cache else None) if val_docs else None
+        pad = self.tokenizer.pad_id
+        self.train_windows = TokenWindows(self.train_corpus, max_length, pack_sequences, pad)
+        self.val_windows = TokenWindows(self.val_corpus, max_length, pack_sequences, pad) if self.val_corpus else None
+        if len(self.train_windows) == 0:
+            raise DataError("the training text is too short to make one window (it needs at least 2 tokens).")
+        if len(self.train_windows) < SMALL_DATA_WINDOWS:
+            log.warning("data: very small corpus: %d training window(s), %d target tokens; the model will memorise "
+                        "rather than learn. Add text for a meaningful run.", len(self.train_windows),
+                        self.train_windows.n_target_tokens)
+        log.info("data: %d train docs -> %s tokens, %d windows of %d; %d validation docs; tokenizer %s (vocab %d)",
+                 len(train_docs), f"{self.train_corpus.n_tokens:,}", len(self.train_windows), max_length,
+                 len(val_docs), self.tokenizer.kind, self.tokenizer.vocab_size)
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> "psannLMDataPrep":
+        if not config.train_files:
+            raise ConfigError("'data.train_files' is empty: list at least one text file to train on.")
+        return cls(config.train_files, config.tokenizer, config.tokenizer_model_path, config.max_length,
+                   config.pack_sequences, config.val_split, config.seed, vocab_size=config.tokenizer_vocab_size,
+                   doc_separator=config.doc_separator, val_texts=config.val_files or None, cache_dir=config.cache_dir)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+
+def _train_config(kwargs: dict) -> TrainConfig:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in kwargs:
+        if key not in names:
+            raise ConfigError(f"fit() got an unknown option '{key}'.{did_you_mean(key, names)} "
+                              f"Options: {', '.join(names)}.")
+    return TrainConfig(**kwargs)
+
+
+class psannLM:
+    """A language model you can fit, generate with, save and load.
+
+    Constructor arguments are ModelConfig fields (base, d_model, n_layers, n_heads, d_mlp, vocab_size,
+    rope, sine_params, ...). The network is built at `fit` (or `load`) once the vocabulary is known.
+    """
+
+    def __init__(self, base: str = "transformer", d_model: int = 512, n_layers: int = 8, n_heads: int = 8,
+                 vocab_size: int | None = None, rope: bool = True, sine_params: dict | None = None, **model_kwargs):
+        names = [f.name for f in dataclasses.fields(ModelConfig)]
+        for key in model_kwargs:
+            if key not in names:
+                raise ConfigError(f"psannLM() got an unknown option '{key}'.{did_you_mean(key, names)} "
+                                  f"Options: {', '.join(names)}.")
+        self.model_config = ModelConfig(base=base, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                                        vocab_size=vocab_size, rope=rope, sine_params=sine_params, **model_kwargs)
+        check_base(base)
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.run_config: RunConfig | None = None
+        self.generate_config = GenerateConfig()  # defaults for generate(); saved with the model
+        self.last_run: dict | None = None
+
+    # -- training ------------------------------------------------------------------------------
+    def fit(self, dp: psannLMDataPrep, epochs: float = 1, batch_tokens: int = 16384, lr: float = 3e-4,
+            amp: str = "auto", **train_kwargs) -> "psannLM":
+        """Train on `dp`; every TrainConfig key is accepted (warmup_steps, max_steps, checkpoint_dir, ...).
+
+        Writes checkpoints and metrics under `checkpoint_dir`, default runs/<timestamp>.
+        """
+        if not isinstance(dp, psannLMDataPrep):
+            raise DataError(f"fit() needs a psannLMDataPrep, got {type(dp).__name__}.")
+        train_cfg = _train_config(dict(epochs=epochs, batch_tokens=batch_tokens, lr=lr, amp=amp, **train_kwargs))
+        if self.model is None:
+            self._build(dp.tokenizer, dp.max_length, train_cfg.seed)
+        elif self.tokenizer is not dp.tokenizer and tokenizer_fingerprint(self.tokenizer) != tokenizer_fingerprint(dp.tokenizer):
+            raise DataError("this model was built for another tokenizer; prepare the data with the model's "
+                            "tokenizer (tokenizer_model_path=<checkpoint>/tokenizer).")
+        self.run_config = RunConfig(model=self.model_config, data=dp.config, train=train_cfg,
+                                    generate=self.generate_config)
+        trainer = Trainer(self.model, self.tokenizer, self.run_config, dp.train_windows, dp.val_windows)
+        self.last_run = trainer.fit()
+        return self
+
+    def _build(self, tokenizer, max_length: int, seed: int) -> None:
+        cfg = self.model_config
+        vocab = cfg.vocab_size or tokenizer.vocab_size
+        if vocab < tokenizer.vocab_size:
+            raise ConfigError(f"vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+                              "use vocab_size=dp.vocab_size (or leave it unset).")
+        self.model_config = dataclasses.replace(cfg, vocab_size=vocab, max_seq_len=cfg.max_seq_len or max_length)
+        torch.manual_seed(seed)
+        self.model = build_model(self.model_config)
+        self.tokenizer = tokenizer
+        log.info("model: %s, %s parameters", self.model_config.base, f"{count_parameters(self.model):,}")
+
+    # -- generation ----------------------------------------------------------------------------
+    def _require_model(self) -> None:
+        if self.model is None:
+            raise RuntimeError("this psannLM has no weights yet: call fit(dp, ...) or psannLM.load(path) first.")
+
+    def generate(self, prompt: str, **options) -> str:
+        """Continue `prompt`. Options: max_new_tokens, temperature (0 = greedy), top_k, top_p,
+        repetition_penalty, stop (list of strings), seed."""
+        return self.generate_batch([prompt], **options)[0]
+
+    def generate_batch(self, prompts: Sequence[str], **options) -> list[str]:
+        """Continue several prompts at once (left-padded); each row equals its single-prompt result."""
+        self._require_model()
+        if isinstance(prompts, str):
+            raise TypeError("generate_batch takes a list of prompts; use generate() for one string.")
+        base = self.generate_config.to_dict()
+        names = [f.name for f in dataclasses.fields(GenerateConfig)]
+        for key in options:
+            if key not in names:
+                raise ConfigError(f"unknown generation option '{key}'.{did_you_mean(key, names)} Options: {', '.join(names)}.")
+        gen = GenerateConfig(**{**base, **options})
+        tok = self.tokenizer
+        encoded = [tok.encode(p, add_bos=True) for p in prompts]  # BOS only: a prompt never ends in EOS
+
+        def stop_hit(row: int, new_ids: list[int]) -> bool:
+            text = tok.decode(new_ids)
+            return any(s in text for s in gen.stop)
+
+        new = generate_tokens(self.model, encoded, gen, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                              max_seq_len=self.model_config.max_seq_len, should_stop=stop_hit if gen.stop else None)
+        texts = [tok.decode(ids) for ids in new]
+        if gen.stop:
+            texts = [_cut_at_stop(t, gen.stop) for t in texts]
+        return texts
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write weights, config and tokenizer to directory `path` (load with psannLM.load)."""
+        self._require_model()
+        config = self.run_config or RunConfig()
+        config = dataclasses.replace(config, model=self.model_config, generate=self.generate_config)
+        return ckpt.save_checkpoint(path, self.model, self.tokenizer, config)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "psannLM":
+        model, tokenizer, config = ckpt.load_checkpoint(path, resolve_device(device))
+        self = cls.__new__(cls)
+        self.model_config, self.model, self.tokenizer, self.run_config = config.model, model, tokenizer, config
+        self.generate_config, self.last_run = config.generate, None
+        return self
+
+    def num_parameters(self) -> int:
+        self._require_model()
+        return count_parameters(self.model)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]

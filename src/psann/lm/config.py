@@ -1,0 +1,387 @@
+"""Configuration: four small dataclasses, loaded from YAML/TOML/JSON, overridden from the command line.
+
+Every field carries its help text, valid choices and range in `metadata`; the same metadata drives
+validation (on construction, whatever the source), `--section.key=value` parsing and the config
+reference in the README. Plain dataclasses + difflib suggestions keep this dependency-free and let
+the configs double as keyword arguments of the Python API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+
+_MISSING = object()
+
+
+def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None, min_exclusive: bool = False, factory: Any = None):
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Validated:
+    """Coerces and checks every field after construction, naming the key in any error."""
+
+    section: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.section}.{f.name}"
+            value = _coerce(getattr(self, f.name), hints[f.name], key)
+            _check_range(value, f.metadata, key)
+            object.__setattr__(self, f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks; overridden per section."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{cls.section}' must be a mapping of keys to values, got {type(values).__name__}.")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                raise ConfigError(f"unknown key '{cls.section}.{key}'.{did_you_mean(key, names)} "
+                                  f"Valid keys of '{cls.section}': {', '.join(names)}.")
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"'{key}' may not be empty.")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                parsed = float(value.replace("_", ""))
+            except ValueError:
+                parsed = math.nan
+            if parsed.is_integer():
+                return int(parsed)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 as a string; accept it
+            try:
+                return float(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}.")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}.")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"'{key}' must have {len(args)} items, got {len(value)}.")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}.")
+        return dict(value)
+    raise ConfigError(f"'{key}': unsupported type {_type_name(tp)}")  # pragma: no cover - a bug in this file
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, choices))}; got {value!r}."
+                          f"{did_you_mean(str(value), map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+            op = ">" if meta.get("min_exclusive") else ">="
+            raise ConfigError(f"'{key}' must be {op} {lo}, got {value}.")
+        if hi is not None and value > hi:
+            raise ConfigError(f"'{key}' must be <= {hi}, got {value}.")
+
+
+@dataclass
+class ModelConfig(_Validated):
+    section: typing.ClassVar[str] = "model"
+    base: str = _opt("transformer", "Model family; `psannlm` lists the registered bases (transformer, ...).")
+    d_model: int = _opt(512, "Width of the residual stream.", min=1)
+    n_layers: int = _opt(8, "Number of decoder blocks.", min=1)
+    n_heads: int = _opt(8, "Attention heads; must divide d_model.", min=1)
+    n_kv_heads: int | None = _opt(None, "Key/value heads for grouped-query attention (default: n_heads); must divide n_heads.", min=1)
+    d_mlp: int | None = _opt(None, "MLP hidden size (default: 8/3 * d_model rounded up to a multiple of 64, SwiGLU).", min=1)
+    vocab_size: int | None = _opt(None, "Vocabulary size (default: the tokenizer's).", min=1)
+    max_seq_len: int | None = _opt(None, "Context window in tokens (default: data.max_length); longer prompts are truncated from the left.", min=1)
+    rope: bool = _opt(True, "Rotary position embeddings; false uses learned absolute position embeddings.")
+    rope_theta: float = _opt(10000.0, "RoPE base frequency.", min=0.0, min_exclusive=True)
+    norm_eps: float = _opt(1e-5, "RMSNorm epsilon.", min=0.0, min_exclusive=True)
+    tie_embeddings: bool = _opt(True, "Share the token embedding with the output head.")
+    dropout: float = _opt(0.0, "Dropout on attention weights and residual branches during training.", min=0.0, max=1.0)
+    init_std: float = _opt(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
+    causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention.")
+    sine_params: dict[str, Any] | None = _opt(None, "Sine activation settings of the PSANN bases (amp_init, freq_init, damp_init, trainable, ...).")
+
+    def check(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"'model.d_model' ({self.d_model}) must be divisible by 'model.n_heads' ({self.n_heads}).")
+        if (self.d_model // self.n_heads) % 2 and self.rope:
+            raise ConfigError(f"RoPE needs an even head size; d_model/n_heads = {self.d_model // self.n_heads}. Change d_model or n_heads.")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"'model.n_heads' ({self.n_heads}) must be divisible by 'model.n_kv_heads' ({self.n_kv_heads}).")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.d_mlp or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+TOKENIZER_CHOICES = ("auto", "byte", "char", "simple", "sentencepiece", "tokenizers")
+
+
+@dataclass
+class DataConfig(_Validated):
+    section: typing.ClassVar[str] = "data"
+    train_files: list[str] = _opt(None, "Text files (UTF-8; bad bytes are replaced and counted) to train on.", factory=list)
+    val_files: list[str] = _opt(None, "Optional held-out text files; when empty, val_split carves validation out of train_files.", factory=list)
+    doc_separator: str | None = _opt(None, "Splits each file into documents (e.g. '<|endoftext|>' or a blank line '\\n\\n'); default: one document per file.")
+    tokenizer: str = _opt("auto", "Tokenizer backend: auto (sentencepiece -> tokenizers -> char), byte, char (alias simple), sentencepiece, tokenizers.", choices=TOKENIZER_CHOICES)
+    tokenizer_model_path: str | None = _opt(None, "Load this tokenizer (.model, tokenizer.json, or a saved tokenizer directory) instead of training one.")
+    tokenizer_vocab_size: int | None = _opt(None, "Vocabulary size when training a subword tokenizer (a soft limit for tiny corpora).", min=8)
+    max_length: int = _opt(256, "Tokens per training window (sequence length).", min=1)
+    pack_sequences: bool = _opt(True, "Pack documents (joined by BOS/EOS) into full windows; false = one document per window, padding masked.")
+    val_split: float = _opt(0.1, "Fraction of documents held out for validation (by seed; a single document is split at its tail).", min=0.0, max=0.9)
+    seed: int = _opt(1337, "Seed for the train/validation split.")
+    cache_dir: str | None = _opt(None, "Where token memmaps of file corpora are written (default: a temporary directory).")
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig(_Validated):
+    section: typing.ClassVar[str] = "train"
+    epochs: float = _opt(1.0, "Passes over the training windows (fractions allowed); ignored when max_steps or max_tokens is set.", min=0.0, min_exclusive=True)
+    max_steps: int | None = _opt(None, "Optimizer steps to run (overrides epochs).", min=1)
+    max_tokens: int | None = _opt(None, "Token budget (overrides epochs; max_steps wins if both are set).", min=1)
+    batch_tokens: int = _opt(16384, "Tokens per optimizer step (windows per step = batch_tokens // max_length).", min=1)
+    micro_batch_size: int | None = _opt(None, "Windows per forward/backward; default derives it from grad_accum_steps or a memory-friendly size.", min=1)
+    grad_accum_steps: int | None = _opt(None, "Micro-batches per optimizer step (default: derived from batch_tokens and micro_batch_size).", min=1)
+    lr: float = _opt(3e-4, "Peak learning rate.", min=0.0, min_exclusive=True)
+    min_lr: float | None = _opt(None, "Final learning rate of the cosine decay (default: lr / 10).", min=0.0)
+    warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 5% of the run, at most 1000).", min=0)
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (never on norms, biases, embeddings or gains).", min=0.0)
+    betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas.")
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).", min=0.0)
+    amp: str = _opt("auto", "Precision: auto (bf16 where it is fast, else fp32), bf16, fp16 (with loss scaling), fp32.", choices=AMP_CHOICES)
+    ddp: str = _opt("auto", "Data parallelism across torchrun processes: auto (on when WORLD_SIZE > 1), on, off.", choices=("auto", "on", "off"))
+    device: str = _opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    compile: bool = _opt(False, "torch.compile the model (falls back to eager with a warning where unsupported).")
+    seed: int = _opt(1337, "Seed for initialisation, data order and dropout.")
+    checkpoint_dir: str | None = _opt(None, "Run directory for checkpoints, metrics and plots (default: runs/<timestamp>).")
+    resume_from: str | None = _opt(None, "Checkpoint directory to resume from (exact continuation), or 'latest' in checkpoint_dir.")
+    init_from: str | None = _opt(None, "Checkpoint directory whose weights start a new run (fresh optimizer and schedule).")
+    log_interval_steps: int = _opt(10, "Steps between metric log lines.", min=1)
+    eval_interval_steps: int = _opt(200, "Steps between validation runs (0: only at the end).", min=0)
+    eval_batches: int | None = _opt(None, "Cap on validation micro-batches per evaluation (default: the whole validation set).", min=1)
+    save_interval_steps: int = _opt(0, "Steps between checkpoints (0: only best and final).", min=0)
+    progress: bool = _opt(True, "Show a progress bar (loss, lr, tok/s, ETA).")
+    plot: bool = _opt(True, "Write loss_curve.png at the end of the run (needs matplotlib: pip install psann-lm[viz]).")
+
+    def check(self) -> None:
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"'train.min_lr' ({self.min_lr}) must not exceed 'train.lr' ({self.lr}).")
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ConfigError(f"'train.betas' must lie in [0, 1), got {list(self.betas)}.")
+
+
+@dataclass
+class GenerateConfig(_Validated):
+    section: typing.ClassVar[str] = "generate"
+    max_new_tokens: int = _opt(64, "Tokens to generate after the prompt.", min=0)
+    temperature: float = _opt(1.0, "Sampling temperature (0 = greedy).", min=0.0)
+    top_k: int | None = _opt(None, "Keep only the k most likely tokens.", min=1)
+    top_p: float = _opt(1.0, "Nucleus sampling: keep the smallest set whose probability reaches p (1 disables).", min=0.0, max=1.0, min_exclusive=True)
+    repetition_penalty: float = _opt(1.0, "CTRL penalty for tokens already present (>1 discourages repeats).", min=0.0, min_exclusive=True)
+    stop: list[str] = _opt(None, "Stop when any of these strings appears in the generated text.", factory=list)
+    seed: int | None = _opt(None, "Sampling seed (default: nondeterministic).")
+
+
+SECTIONS: dict[str, type[_Validated]] = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "generate": GenerateConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """A whole run: what `psannlm train --config` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a mapping with sections {', '.join(SECTIONS)}; got {type(values).__name__}.")
+        for name in values:
+            if name not in SECTIONS:
+                raise ConfigError(f"unknown config section '{name}'.{did_you_mean(name, SECTIONS)} "
+                                  f"Valid sections: {', '.join(SECTIONS)}.")
+        return cls(**{name: SECTIONS[name].from_dict(values.get(name) or {}) for name in SECTIONS})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON file into a plain dict (no validation)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}. Check the path (examples live in examples/lm/configs/).")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, expected a .yaml, .toml or .json file: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            return tomllib.loads(text)
+        if suffix == ".json":
+            return json.loads(text)
+        if suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text) or {}
+    except Exception as exc:  # parse errors of any of the three libraries
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    raise ConfigError(f"unsupported config format '{suffix}' ({path}); use .yaml, .yml, .toml or .json.")
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` (or `section.key.sub=value` inside a mapping) to a raw config dict."""
+    text = override[2:] if override.startswith("--") else override
+    if "=" not in text:
+        raise ConfigError(f"override '{override}' must look like --section.key=value (e.g. --train.lr=3e-4).")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"override '{override}' needs a section, e.g. --train.{parts[0]}=... "
+                          f"(sections: {', '.join(SECTIONS)}).")
+    section, key, *rest = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"override '{override}': unknown section '{section}'.{did_you_mean(section, SECTIONS)}")
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key not in names:
+        raise ConfigError(f"override '{override}': unknown key '{section}.{key}'.{did_you_mean(key, names)}")
+    target = values.setdefault(section, {})
+    if rest:  # nested key inside a mapping field such as model.sine_params
+        target = target.setdefault(key, None) or {}
+        values[section][key] = target
+        for part in rest[:-1]:
+            target = target.setdefault(part, {})
+        target[rest[-1]] = yaml.safe_load(raw) if raw else raw
+    else:
+        target[key] = raw  # typed by the field's own coercion
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """File (optional) + command-line overrides -> validated RunConfig."""
+    values = read_config_file(path) if path else {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}.")
+    for override in overrides:
+        apply_override(values, override)
+    return RunConfig.from_dict(values)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def config_reference_markdown() -> str:
+    """The config reference table of the README, generated from the field metadata."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines += [f"**`{name}`**", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{f.name}` | `{json.dumps(_plain(default))}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Autoregressive generation with a KV cache, left-padded batches and a sliding context window."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import GenerateConfig
+from .sampling import apply_repetition_penalty, choose_next
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
+            mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], gen: GenerateConfig, *, eos_id: int | None,
+                    pad_id: int, max_seq_len: int, use_cache: bool = True,
+                    should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (EOS not included).
+
+    Prompts longer than the context keep their last max_seq_len - 1 tokens. When the cache fills
+    during a long generation, it is rebuilt from the most recent 3/4 of the window (a sliding
+    window that costs one prefill per quarter window, not one per token).
+    `should_stop(row, new_ids)` lets the caller end a row early (e.g. on a stop string).
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (psannLM prompts start with BOS).")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [list(p)[-(max_seq_len - 1):] if max_seq_len > 1 else list(p)[-1:] for p in prompts]
+    tokens, mask = left_pad(prompts, pad_id, device)
+    B, vocab = tokens.shape[0], None
+    generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.seed is not None else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    cache = None
+
+    def forward_window() -> torch.Tensor:
+        nonlocal cache, tokens, mask
+        tokens, mask = tokens[:, -max_seq_len:], mask[:, -max_seq_len:]
+        padded = bool((mask == 0).any())
+        if use_cache:
+            cache = model.new_cache(B, max_seq_len)
+        return model(tokens, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
+
+    logits = forward_window()
+    vocab = logits.shape[-1]
+    present = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+    present.scatter_(1, tokens, mask.bool())
+    present[:, pad_id] = present[:, pad_id] & False  # padding is not a repetition (pad is never a real prompt token)
+    for _ in range(gen.max_new_tokens):
+        logits = apply_repetition_penalty(logits.float(), present, gen.repetition_penalty)
+        nxt = choose_next(logits, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, generator=generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        for row in range(B):
+            if finished[row]:
+                continue
+            token = int(nxt[row])
+            if eos_id is not None and token == eos_id:
+                finished[row] = True
+                continue
+            out[row].append(token)
+            if should_stop is not None and should_stop(row, out[row]):
+                finished[row] = True
+        if bool(finished.all()):
+            break
+        present[torch.arange(B, device=device), nxt] = True
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+        if not use_cache:
+            logits = forward_window()
+        elif cache.length + 1 > max_seq_len:
+            tokens, mask = tokens[:, -(3 * max_seq_len) // 4:], mask[:, -(3 * max_seq_len) // 4:]
+            logits = forward_window()
+        else:
+            padded = bool((mask == 0).any())
+            logits = model(nxt[:, None], attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
+    model.train(was_training)
+    return out

@@ -1,0 +1,323 @@
+"""Move weights between psann's TransformerLM and Hugging Face `LlamaForCausalLM`.
+
+The two architectures are the same network: pre-norm RMSNorm (computed in fp32), rotate-half
+RoPE, grouped-query attention with scale 1/sqrt(head_dim), SwiGLU MLP, no biases. The only layout
+difference is that psann fuses q/k/v into one `qkv` linear (rows: q, then k, then v) and gate/up
+into one `gate_up` linear (rows: gate, then up); HF keeps them as separate linears. Conversion
+therefore splits or concatenates rows; nothing is permuted.
+
+    hf = to_hf_llama(model)                  # psann -> transformers.LlamaForCausalLM
+    model = from_hf_llama(hf_or_directory)   # transformers (or a save_pretrained dir) -> psann
+    export_hf(model, tokenizer, "out/")      # a directory AutoModelForCausalLM.from_pretrained loads
+
+`transformers` is an optional extra (`pip install 'psann-lm[hf]'`) and is imported only here,
+inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .layers import SwiGLU
+from .transformer import TransformerLM
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["to_hf_llama", "llama_config_from", "model_config_from_llama", "from_hf_llama", "export_hf"]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(
+            "Hugging Face interop needs the 'transformers' package, which is an optional extra of psann-lm; "
+            "install it with: pip install 'psann-lm[hf]'"
+        ) from exc
+    return transformers
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def _check_convertible_config(cfg: ModelConfig) -> None:
+    if cfg.base != "transformer":
+        raise ConfigError(f"only the 'transformer' base converts to Hugging Face Llama; this model's base is "
+                          f"'{cfg.base}'.")
+    if not cfg.rope:
+        raise ConfigError("Hugging Face Llama uses rotary position embeddings; this model was built with "
+                          "model.rope=false (learned absolute positions) and cannot be converted.")
+    if not cfg.causal:
+        raise ConfigError("Hugging Face LlamaForCausalLM is causal; this model was built with model.causal=false.")
+    if cfg.vocab_size is None or cfg.max_seq_len is None:
+        raise ConfigError("model.vocab_size and model.max_seq_len must be set before converting to Hugging Face.")
+
+
+def llama_config_from(cfg: ModelConfig, **overrides: Any):
+    """The `transformers.LlamaConfig` describing the same network as `cfg`.
+
+    Keyword `overrides` are passed on to LlamaConfig (e.g. bos_token_id, attn_implementation).
+    Token ids default to None: psann models carry no tokenizer, export_hf fills them in.
+    """
+    transformers = _transformers()
+    _check_convertible_config(cfg)
+    if cfg.dropout > 0:
+        logger.info("model.dropout=%s maps to HF attention_dropout only; HF Llama has no dropout on the "
+                    "residual branches (inference is unaffected).", cfg.dropout)
+    values: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        initializer_range=min(cfg.init_std, 1.0),
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        attention_bias=False,
+        attention_dropout=cfg.dropout,
+        mlp_bias=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    values.update(overrides)
+    return transformers.LlamaConfig(**values)
+
+
+def _rope_theta_of(hf_config) -> float:
+    """RoPE base of a Llama config; ConfigError for any scaled/extended RoPE variant."""
+    params = getattr(hf_config, "rope_parameters", None)
+    scaling = getattr(hf_config, "rope_scaling", None)  # older transformers / configs
+    if scaling:
+        rope_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        if rope_type not in (None, "default"):
+            raise ConfigError(f"Hugging Face config uses RoPE scaling {scaling!r}; psann supports only plain RoPE "
+                              "(rope_type 'default').")
+    if isinstance(params, dict):
+        rope_type = params.get("rope_type", "default")
+        if rope_type != "default":
+            raise ConfigError(f"Hugging Face config uses RoPE type '{rope_type}' ({params!r}); psann supports only "
+                              "plain RoPE (rope_type 'default').")
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+    theta = getattr(hf_config, "rope_theta", None)
+    return float(theta) if theta is not None else 10000.0
+
+
+def model_config_from_llama(hf_config) -> ModelConfig:
+    """psann ModelConfig for a `transformers.LlamaConfig`; ConfigError for features psann lacks."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "llama":
+        raise ConfigError(f"expected a Hugging Face Llama config (model_type 'llama'), got model_type {model_type!r}.")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"Hugging Face config uses activation '{act}'; psann's SwiGLU needs hidden_act 'silu'.")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, flag, False):
+            raise ConfigError(f"Hugging Face config sets {flag}=true; psann's linears have no biases.")
+    if getattr(hf_config, "sliding_window", None) is not None or getattr(hf_config, "use_sliding_window", False):
+        raise ConfigError("Hugging Face config uses sliding-window attention; psann attends over the whole context.")
+    if (getattr(hf_config, "pretraining_tp", 1) or 1) > 1:
+        logger.info("ignoring pretraining_tp=%s (a tensor-parallel detail of the original training; the "
+                    "weights describe the same network).", hf_config.pretraining_tp)
+    theta = _rope_theta_of(hf_config)
+    d_model, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or d_model // n_heads
+    if head_dim * n_heads != d_model:
+        raise ConfigError(f"Hugging Face config has head_dim {head_dim} x {n_heads} heads != hidden_size {d_model}; "
+                          "psann derives head_dim as d_model / n_heads.")
+    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    dropout = float(getattr(hf_config, "attention_dropout", 0.0) or 0.0)
+    return ModelConfig(
+        base="transformer",
+        d_model=d_model,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        d_mlp=hf_config.intermediate_size,
+        vocab_size=hf_config.vocab_size,
+        max_seq_len=hf_config.max_position_embeddings,
+        rope=True,
+        rope_theta=theta,
+        norm_eps=float(hf_config.rms_norm_eps),
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        dropout=dropout,
+        init_std=float(getattr(hf_config, "initializer_range", 0.02) or 0.02),
+        causal=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def _check_convertible_model(model: TransformerLM) -> None:
+    if not isinstance(model, TransformerLM):
+        raise ConfigError(f"expected a psann TransformerLM, got {type(model).__name__}.")
+    _check_convertible_config(model.config)
+    for i, block in enumerate(model.blocks):
+        if type(block.mlp) is not SwiGLU:
+            raise ConfigError(f"block {i} has MLP {type(block.mlp).__name__}; only the SwiGLU MLP maps to HF Llama.")
+
+
+def _hf_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
+    """HF Llama parameter names -> tensors of `model` (split views; no copies)."""
+    cfg = model.config
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.split([q_rows, kv_rows, kv_rows], dim=0)
+        gate, up = block.mlp.gate_up.weight.split(block.mlp.hidden, dim=0)
+        sd.update({
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "self_attn.q_proj.weight": q,
+            prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v,
+            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
+            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+            prefix + "mlp.gate_proj.weight": gate,
+            prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.mlp.down.weight,
+        })
+    return {name: t.detach() for name, t in sd.items()}
+
+
+def _psann_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """psann TransformerLM parameter names -> tensors, from an HF Llama state dict."""
+    def get(name: str) -> torch.Tensor:
+        if name not in hf_sd:
+            raise ConfigError(f"Hugging Face weights lack '{name}'; is this a LlamaForCausalLM checkpoint?")
+        return hf_sd[name].detach()
+
+    sd = {"embed.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    else:
+        sd["lm_head.weight"] = get("lm_head.weight")
+    for i in range(cfg.n_layers):
+        hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        sd.update({
+            ours + "attn_norm.weight": get(hf + "input_layernorm.weight"),
+            ours + "attn.qkv.weight": torch.cat([get(hf + "self_attn.q_proj.weight"), get(hf + "self_attn.k_proj.weight"),
+                                                 get(hf + "self_attn.v_proj.weight")], dim=0),
+            ours + "attn.out.weight": get(hf + "self_attn.o_proj.weight"),
+            ours + "mlp_norm.weight": get(hf + "post_attention_layernorm.weight"),
+            ours + "mlp.gate_up.weight": torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0),
+            ours + "mlp.down.weight": get(hf + "mlp.down_proj.weight"),
+        })
+    return sd
+
+
+def to_hf_llama(model: TransformerLM, *, attn_implementation: str = "sdpa", **config_overrides: Any):
+    """A `transformers.LlamaForCausalLM` with the same config and a copy of `model`'s weights.
+
+    The result has the model's dtype and device and the same train/eval mode. Tied embeddings stay
+    tied. `config_overrides` go to LlamaConfig (see llama_config_from).
+    """
+    transformers = _transformers()
+    _check_convertible_model(model)
+    config = llama_config_from(model.config, **config_overrides)
+    ref = model.embed.weight
+    hf = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation)
+    hf.to(device=ref.device, dtype=ref.dtype)
+    hf.load_state_dict(_hf_state_dict(model), strict=True)
+    hf.train(model.training)
+    return hf
+
+
+def from_hf_llama(hf_model_or_dir, *, dtype: torch.dtype | None = None) -> TransformerLM:
+    """A psann TransformerLM from a `LlamaForCausalLM` instance or a local directory written by
+    `save_pretrained` (or export_hf). Keeps the source's dtype and device unless `dtype` is given.
+    """
+    transformers = _transformers()
+    if isinstance(hf_model_or_dir, (str, os.PathLike)):
+        directory = Path(hf_model_or_dir).expanduser()
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"'{directory}' is not a Hugging Face model directory (no config.json); pass a "
+                              "directory written by save_pretrained or export_hf, or a LlamaForCausalLM.")
+        hf_config = transformers.AutoConfig.from_pretrained(directory)
+        model_config_from_llama(hf_config)  # refuse unsupported features before reading the weights
+        hf = transformers.LlamaForCausalLM.from_pretrained(directory, config=hf_config,
+                                                           dtype=dtype if dtype is not None else "auto")
+        hf.eval()
+    else:
+        hf = hf_model_or_dir
+        if not isinstance(hf, transformers.PreTrainedModel) or not hasattr(hf, "lm_head"):
+            raise ConfigError(f"expected a transformers LlamaForCausalLM or a model directory, got "
+                              f"{type(hf).__name__}.")
+    cfg = model_config_from_llama(hf.config)
+    ref = hf.get_input_embeddings().weight
+    model = TransformerLM(cfg)
+    model.to(device=ref.device, dtype=dtype if dtype is not None else ref.dtype)
+    model.load_state_dict(_psann_state_dict(hf.state_dict(), cfg), strict=True)
+    model.train(hf.training)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _token_text(tokenizer, token_id: int | None) -> str | None:
+    if token_id is None:
+        return None
+    return tokenizer.backend.id_to_token(token_id)
+
+
+def export_hf(model: TransformerLM, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write `out_dir` so that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the
+    model (config.json, generation_config.json, model.safetensors).
+
+    With a 'tokenizers' (HF byte-level BPE) tokenizer, its tokenizer.json and special-token files
+    are written too, so `AutoTokenizer.from_pretrained(out_dir)` works and psann can load the
+    directory as a tokenizer path. Other tokenizer kinds (byte, char, sentencepiece) have no HF
+    tokenizer.json; they are skipped with a logged note (save them with tokenizer.save()).
+    """
+    transformers = _transformers()
+    out = Path(out_dir).expanduser()
+    ids: dict[str, Any] = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None),
+               "pad_token_id": getattr(tokenizer, "pad_id", None)}
+        if tokenizer.vocab_size > model.config.vocab_size:
+            logger.warning("tokenizer vocab_size %d exceeds the model's %d; ids past the model's vocabulary "
+                           "cannot be embedded.", tokenizer.vocab_size, model.config.vocab_size)
+    hf = to_hf_llama(model, **ids)
+    for name, value in ids.items():
+        setattr(hf.generation_config, name, value)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out, safe_serialization=True)
+
+    kind = getattr(tokenizer, "kind", None)
+    if kind == "tokenizers":
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.backend,
+            bos_token=_token_text(tokenizer, tokenizer.bos_id),
+            eos_token=_token_text(tokenizer, tokenizer.eos_id),
+            pad_token=_token_text(tokenizer, tokenizer.pad_id),
+            unk_token=_token_text(tokenizer, getattr(tokenizer, "unk_id", None)),
+        )
+        fast.save_pretrained(out)
+        logger.info("exported model and tokenizer to %s", out)
+    elif tokenizer is None:
+        logger.info("exported model to %s (no tokenizer given; no tokenizer files written)", out)
+    else:
+        logger.info("exported model to %s; tokenizer kind '%s' has no Hugging Face tokenizer.json, so no "
+                    "tokenizer files were written (save it with tokenizer.save(), or train with "
+                    "data.tokenizer=tokenizers for an HF-loadable tokenizer).", out, kind)
+    return out

@@ -1,0 +1,183 @@
+"""Pieces shared by every decoder family: norm, rotary embedding, attention with a KV cache, SwiGLU.
+
+Layouts follow Hugging Face Llama (rotate-half RoPE, q/k/v and gate/up fused here but split on
+export) so weights move between the two without permutation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 so bf16/fp16 activations do not lose the mean-square.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE, indexed by absolute position ids."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._build(max_positions)
+
+    def _build(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(position_ids.max()) + 1
+        if needed > self.cos.shape[0]:  # positions past the table (long generation): grow it
+            self._build(max(needed, 2 * self.cos.shape[0]))
+        # (B, T, head_dim) -> (B, 1, T, head_dim) to broadcast over heads
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, plus which key slots hold real tokens.
+
+    `length` counts the positions already written; a forward with a cache writes the new
+    positions at [length, length + T) in every layer, then the model calls `advance(T)`.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.max_len}.")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def build_attention_mask(key_valid: torch.Tensor | None, q_len: int, past: int, causal: bool,
+                         device: torch.device) -> torch.Tensor | None:
+    """Boolean (B, 1, q_len, past + q_len) mask, True = may attend; None when SDPA needs none
+    (no padding and either non-causal, a single query, or a plain causal prefill via is_causal).
+
+    A padded query row would otherwise have no visible key (NaN in softmax), so every query may
+    always see its own position; such rows are padding and are never read.
+    """
+    if key_valid is None and (not causal or q_len == 1 or past == 0):
+        return None
+    total = past + q_len
+    q_pos = torch.arange(past, total, device=device)
+    k_pos = torch.arange(total, device=device)
+    if causal:
+        allowed = k_pos[None, :] <= q_pos[:, None]
+    else:
+        allowed = torch.ones(q_len, total, dtype=torch.bool, device=device)
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :total].bool()
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                     self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). The MLP is the family's choice."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, mlp: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = mlp
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, is_causal, cache):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    """Normal(0, init_std) for linears/embeddings; output projections of residual branches scaled
+    by 1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+    residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = residual_std if name.endswith(("attn.out", "mlp.down")) else config.init_std
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=config.init_std)

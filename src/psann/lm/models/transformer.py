@@ -1,0 +1,76 @@
+"""Llama-style decoder: token embedding, pre-norm blocks (RMSNorm, RoPE attention via SDPA, SwiGLU), tied head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .layers import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask, init_weights
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        if config.rope:
+            self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+            self.pos_embed = None
+        else:
+            self.rope = None
+            self.pos_embed = nn.Embedding(config.max_seq_len, d)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(config, i, self.make_mlp(i)) for i in range(config.n_layers))
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        init_weights(self, config)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def make_mlp(self, layer_index: int) -> nn.Module:
+        """The MLP of block `layer_index`; other families override this (e.g. a sine MLP)."""
+        return SwiGLU(self.config.d_model, self.config.mlp_hidden)
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.config.n_layers, batch_size, self.config.kv_heads, self.config.head_dim, max_len,
+                       device or p.device, dtype or p.dtype)
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with last_only.
+
+        attention_mask: (B, past + T), 1 for real tokens and 0 for (left) padding, covering the
+        cached positions too. position_ids default to running positions, or to the count of real
+        tokens before each position when a mask is given (so left padding does not shift them).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)
+        rope = None
+        if self.rope is not None:
+            rope = self.rope(position_ids, x.dtype)
+        else:
+            if int(position_ids.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.config.max_seq_len} "
+                                 "of a model with learned positions; shorten the input.")
+            x = x + self.pos_embed(position_ids)
+        x = self.drop(x)
+        causal = self.config.causal
+        mask = build_attention_mask(attention_mask, T, past, causal, input_ids.device)
+        is_causal = causal and past == 0 and T > 1
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

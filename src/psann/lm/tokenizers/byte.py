@@ -1,0 +1,43 @@
+"""Byte-level tokenizer: ids 0..255 are raw UTF-8 bytes, then pad/bos/eos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .base import Tokenizer, check_against_meta, read_meta
+
+_SPECIALS = {256: "<pad>", 257: "<bos>", 258: "<eos>"}
+
+
+class ByteTokenizer(Tokenizer):
+    """Needs no training and can encode any text; sequences are long (one id per byte)."""
+
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.pad_id, self.bos_id, self.eos_id = 256, 257, 258
+        self.unk_id = None  # every byte is representable
+
+    @property
+    def vocab_size(self) -> int:
+        return 259
+
+    def special_tokens(self) -> dict[int, str]:
+        return dict(_SPECIALS)
+
+    def _encode_text(self, text: str) -> list[int]:
+        # "surrogatepass" keeps lone surrogates encodable; they decode back as U+FFFD.
+        return list(text.encode("utf-8", errors="surrogatepass"))
+
+    def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        return {}  # nothing to store beyond the meta file
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ByteTokenizer":
+        meta = read_meta(directory, expected_kind=cls.kind)
+        return check_against_meta(cls(), meta, Path(directory))  # type: ignore[return-value]

@@ -1,0 +1,88 @@
+"""The command line, driven as a user would: subprocesses with real arguments."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """The spec's CPU quickstart config through `python -m psann.lm.train.cli`, shortened by overrides."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = run("-m", "psann.lm.train.cli", "--config", "examples/lm/configs/waveresnet_cpu.yaml",
+               "--train.max_steps=12", "--train.eval_interval_steps=6", "--model.n_layers=2",
+               f"--train.checkpoint_dir={out}", "--train.progress=false")
+    return out, json.loads(proc.stdout)
+
+
+def test_train_cli_honours_config_and_overrides(trained_run):
+    out, summary = trained_run
+    assert summary["steps"] == 12 and Path(summary["final_checkpoint"]).is_dir()
+    saved = json.loads((out / "checkpoints/final/config.json").read_text())["config"]
+    assert saved["model"]["n_layers"] == 2 and saved["train"]["max_steps"] == 12
+    assert saved["train"]["lr"] == 2e-3 and saved["data"]["max_length"] == 128  # from the YAML file
+    val = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    assert [r["step"] for r in val] == [6, 12]
+    assert (out / "data" / "train.bin").exists()  # data.cache_dir defaults into the run directory
+
+
+def test_generate_cli(trained_run):
+    out, _ = trained_run
+    proc = run("-m", "psann.cli", "generate", "--ckpt", str(out / "checkpoints/final"), "--prompt", "Once upon",
+               "--prompt", "The cat", "--num-samples", "2", "--max-new-tokens", "8", "--seed", "1")
+    assert proc.stdout.count("--- 'Once upon'") == 2 and proc.stdout.count("--- 'The cat'") == 2
+    greedy = [run("-m", "psann.cli", "generate", "--ckpt", str(out / "checkpoints/final"), "--prompt", "A",
+                  "--temperature", "0", "--max-new-tokens", "8").stdout for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_eval_cli(trained_run):
+    out, _ = trained_run
+    proc = run("-m", "psann.cli", "eval", "--ckpt", str(out / "checkpoints/final"), "--data",
+               "examples/lm/sample_texts.txt")
+    result = json.loads(proc.stdout)
+    assert result["tokens"] > 1000 and 0 < result["loss"] < 10 and result["bits_per_byte"] > 0
+
+
+def test_print_config_and_errors():
+    proc = run("-m", "psann.cli", "train", "--config", "examples/lm/configs/waveresnet_cpu.yaml",
+               "--train.lr=5e-4", "--print-config")
+    assert "lr: 0.0005" in proc.stdout and "d_model: 128" in proc.stdout
+    bad = run("-m", "psann.cli", "train", "--config", "examples/lm/configs/waveresnet_cpu.yaml",
+              "--train.learning_rate=1", check=False)
+    assert bad.returncode == 2 and "unknown key 'train.learning_rate'" in bad.stderr
+    missing = run("-m", "psann.cli", "generate", "--ckpt", "no/such/dir", "--prompt", "x", check=False)
+    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+    bad_arg = run("-m", "psann.cli", "train", "--lr", "1", check=False)
+    assert bad_arg.returncode == 2 and "--train.lr=3e-4" in bad_arg.stderr
+
+
+def test_demo_smoke(tmp_path):
+    proc = run("-m", "psann.cli", "demo", "--out", str(tmp_path / "demo"), "--corpus-bytes", "200000",
+               "--train.max_steps=6", "--train.eval_interval_steps=3", "--generate.max_new_tokens=10",
+               "--train.progress=false")
+    assert "=== samples ===" in proc.stdout and "validation loss" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["corpus_bytes"] >= 200000
+    assert (tmp_path / "demo" / "loss_curve.png").exists()
+
+
+def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "psannlm"]
+    assert ep.value == "psann.cli:main"

@@ -1,0 +1,186 @@
+import dataclasses
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from psann.lm import psannLM, psannLMDataPrep
+from psann.lm.config import ModelConfig, RunConfig, TrainConfig
+from psann.lm.errors import CheckpointError, ConfigError
+from psann.lm.models import build_model
+from psann.lm.train import checkpoint as ckpt
+from psann.lm.train.optim import lr_at
+from psann.lm.train.trainer import Trainer, plan_batches
+
+TEXT = [f"the {a} {b} sat on the {c} mat number {i}." for i, (a, b, c) in
+        enumerate([("red", "cat", "blue"), ("big", "dog", "green"), ("old", "owl", "soft")] * 30)]
+TINY = dict(d_model=32, n_layers=2, n_heads=4)
+FAST = dict(amp="fp32", progress=False, plot=False, log_interval_steps=1, eval_interval_steps=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dp():
+    return psannLMDataPrep(TEXT, tokenizer="char", max_length=16, val_split=0.1, seed=0)
+
+
+def weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def test_resume_is_exact(dp, tmp_path):
+    opts = dict(FAST, max_steps=8, batch_tokens=64, lr=3e-3, warmup_steps=2)
+    psannLM(**TINY, dropout=0.1).fit(dp, checkpoint_dir=str(tmp_path / "a"), save_interval_steps=4, **opts)
+    resumed = psannLM(**TINY, dropout=0.1)
+    resumed.fit(dp, checkpoint_dir=str(tmp_path / "b"),
+                resume_from=str(tmp_path / "a" / "checkpoints" / "step_0000004"), **opts)
+    a, b = weights(tmp_path / "a/checkpoints/final"), weights(tmp_path / "b/checkpoints/final")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    state = json.loads((tmp_path / "b/checkpoints/final/trainer_state.json").read_text())
+    assert state["step"] == 8 and state["loader"]["consumed"] == 8 * 4
+
+
+def test_grad_accumulation_matches_one_big_batch(dp, tmp_path):
+    # SGD: Adam's first steps are sign-like and would amplify float noise in near-zero gradients.
+    finals = []
+    for name, split in (("big", dict(micro_batch_size=8)), ("acc", dict(grad_accum_steps=4))):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(tiny_model_config(dp), dropout=0.0))
+        train = TrainConfig(**FAST, max_steps=3, batch_tokens=128, lr=0.5, warmup_steps=0,
+                            checkpoint_dir=str(tmp_path / name), **split)
+        trainer = Trainer(model, dp.tokenizer, RunConfig(data=dp.config, train=train), dp.train_windows)
+        assert trainer.plan.windows_per_step == 8
+        trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        trainer.fit()
+        finals.append(weights(tmp_path / name / "checkpoints" / "final"))
+    a, b = finals
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], build_model(tiny_model_config(dp)).state_dict()[k]) for k in a)
+
+
+def tiny_model_config(dp):
+    return ModelConfig(**TINY, vocab_size=dp.vocab_size, max_seq_len=16)
+
+
+def test_training_learns_and_writes_its_run_directory(dp, tmp_path):
+    lm = psannLM(**TINY)
+    run = tmp_path / "run"
+    lm.fit(dp, checkpoint_dir=str(run), max_steps=60, batch_tokens=128, lr=1e-2, amp="fp32", progress=False,
+           eval_interval_steps=30, log_interval_steps=10, device="cpu")
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    assert train[-1]["loss"] < 0.6 * train[0]["loss"]
+    assert len(val) == 2 and val[-1]["val_loss"] < math.log(dp.vocab_size)
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("kind,step")
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert (run / "config.yaml").exists()
+    for name in ("final", "best"):
+        assert (run / "checkpoints" / name / "model.safetensors").exists()
+    assert lm.last_run["best_val_loss"] <= val[-1]["val_loss"]
+
+
+def test_interrupt_saves_a_resumable_checkpoint(dp, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = Trainer._train_step
+
+    def flaky(self, lr):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, lr)
+
+    monkeypatch.setattr(Trainer, "_train_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path), max_steps=10, batch_tokens=64, **FAST)
+    saved = ckpt.latest_checkpoint(tmp_path)
+    assert saved.name == "step_0000002"
+    assert json.loads((saved / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
+    lrs = [lr_at(s, cfg, 20, 4) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lr_at(20, cfg, 20, 4) == pytest.approx(0.1)
+
+
+def test_batch_plan():
+    cpu = torch.device("cpu")
+    plan = plan_batches(TrainConfig(batch_tokens=4096, grad_accum_steps=4), 128, 1000, cpu)
+    assert (plan.windows_per_step, plan.micro_batch_size, plan.grad_accum_steps) == (32, 8, 4)
+    plan = plan_batches(TrainConfig(batch_tokens=4096, epochs=2), 128, 1000, cpu)
+    assert plan.total_steps == math.ceil(2 * 1000 / 32)
+    plan = plan_batches(TrainConfig(batch_tokens=4096, max_tokens=40960), 128, 1000, cpu)
+    assert plan.total_steps == 10
+    with pytest.raises(ConfigError, match="smaller than one window"):
+        plan_batches(TrainConfig(batch_tokens=100), 128, 1000, cpu)
+
+
+def test_fit_rejects_unknown_options(dp):
+    with pytest.raises(ConfigError, match="Did you mean 'warmup_steps'"):
+        psannLM(**TINY).fit(dp, warmup_step=10)
+
+
+def _tiny_checkpoint(dp, tmp_path):
+    lm = psannLM(**TINY)
+    lm.fit(dp, checkpoint_dir=str(tmp_path / "run"), max_steps=1, batch_tokens=64, **FAST)
+    return tmp_path / "run" / "checkpoints" / "final"
+
+
+def test_checkpoint_errors_are_clear(dp, tmp_path):
+    final = _tiny_checkpoint(dp, tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        psannLM.load(tmp_path / "nope")
+    (final / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        psannLM.load(final)
+    meta = json.loads((final / "config.json").read_text())
+    meta["format_version"] = 99
+    (final / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format v99"):
+        psannLM.load(final)
+    (final / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        psannLM.load(final)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_marker",))
+
+
+def test_loading_never_unpickles_code(dp, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    final = _tiny_checkpoint(dp, tmp_path)
+    with open(final / "optimizer.pt", "wb") as fh:
+        pickle.dump({"optimizer": _Evil()}, fh)
+    with pytest.raises(CheckpointError):
+        ckpt.load_training_state(final)
+    assert not (tmp_path / "pwned_marker").exists()
+
+
+def test_checkpoint_write_is_atomic(dp, tmp_path, monkeypatch):
+    final = _tiny_checkpoint(dp, tmp_path)
+    before = weights(final)
+    model = build_model(ckpt.read_checkpoint_config(final).model)
+
+    class Boom(Exception):
+        pass
+
+    def broken_save(self, directory):
+        raise Boom
+
+    tok = psannLM.load(final).tokenizer
+    monkeypatch.setattr(type(tok), "save", broken_save)
+    with pytest.raises(Boom):
+        ckpt.save_checkpoint(final, model, tok, RunConfig.from_dict(json.loads((final / "config.json").read_text())["config"]))
+    after = weights(final)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # old checkpoint intact
+    assert not [p for p in final.parent.iterdir() if p.name.startswith(".")]  # no temp left behind
