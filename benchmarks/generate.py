@@ -16,18 +16,36 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
-import sys
 import time
 
 import torch
 
 PRESETS = {
     "default": dict(d_model=288, n_layers=6, n_heads=6, n_kv_heads=None, vocab=8192, context=512,
-                    prompt=16, new=256, rounds=5, warmup=1),
+                    prompt=16, new=256, rounds=7, warmup=1),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512, context=320,
                  prompt=16, new=256, rounds=3, warmup=1),
 }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def to_json(obj) -> str:
+    """Indented JSON with lists of plain values kept on one line."""
+    text = json.dumps(obj, indent=2)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +79,7 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     import transformers
 
     from psann.lm.config import GenerateConfig, ModelConfig
@@ -126,18 +145,23 @@ def main(argv=None) -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "rounds": args.rounds,
         "ours_cache_tok_s": round(med["ours_cache"], 1),
         "hf_tok_s": round(med["hf"], 1),
         "ours_nocache_tok_s": round(med["ours_nocache"], 1),
         "ratio_vs_hf": round(med["ours_cache"] / med["hf"], 4),
         "speedup_vs_nocache": round(med["ours_cache"] / med["ours_nocache"], 3),
+        "ratio_vs_hf_median_of_rounds": round(statistics.median(a / b for a, b in zip(rates["ours_cache"], rates["hf"])), 4),
+        "speedup_vs_nocache_median_of_rounds": round(
+            statistics.median(a / b for a, b in zip(rates["ours_cache"], rates["ours_nocache"])), 3),
         "greedy_tokens_agree_with_hf": leading_agreement(tokens["ours_cache"], tokens["hf"]),
         "greedy_tokens_agree_cache_vs_nocache": leading_agreement(tokens["ours_cache"], tokens["ours_nocache"]),
         "per_round": {name: [round(x, 1) for x in v] for name, v in rates.items()} | {"order": orders},
     }
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    print(to_json(result))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
-import sys
 import time
 
 import torch
@@ -24,10 +24,28 @@ import torch.nn.functional as F
 
 PRESETS = {
     "default": dict(d_model=288, n_layers=6, n_heads=6, n_kv_heads=None, vocab=8192, seq=256, batch=8,
-                    rounds=5, steps=3, warmup=2),
+                    rounds=20, steps=1, warmup=2),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512, seq=64, batch=4,
                  rounds=5, steps=5, warmup=2),
 }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def to_json(obj) -> str:
+    """Indented JSON with lists of plain values kept on one line."""
+    text = json.dumps(obj, indent=2)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +94,7 @@ def run_steps(model, optimizer, batches, forward, n: int, start: int) -> tuple[f
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     import transformers
 
     from psann.lm.config import ModelConfig
@@ -135,6 +154,9 @@ def main(argv=None) -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "warmup_steps": args.warmup,
@@ -142,13 +164,13 @@ def main(argv=None) -> None:
         "ours_tok_s": round(ours_tok_s, 1),
         "hf_tok_s": round(hf_tok_s, 1),
         "ratio": round(ours_tok_s / hf_tok_s, 4),
+        "ratio_median_of_rounds": round(statistics.median(a / b for a, b in zip(rates["ours"], rates["hf"])), 4),
         "per_round": {"ours_tok_s": [round(x, 1) for x in rates["ours"]],
                       "hf_tok_s": [round(x, 1) for x in rates["hf"]],
                       "ratio": [round(a / b, 4) for a, b in zip(rates["ours"], rates["hf"])],
                       "first": order_log},
     }
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    print(to_json(result))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def tiny_config(tied: bool, **overrides) -> ModelConfig:
 def randomize_norms(module: torch.nn.Module) -> None:
     """Norm gains start at 1 on both sides, which would hide a swapped mapping; make them distinct."""
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
 
@@ -126,6 +127,7 @@ def test_export_with_hf_tokenizer(tmp_path):
     # psann itself can load the exported directory as a tokenizer path
     again = build_tokenizer("auto", model_path=str(out))
     assert again.encode(text) == tok.encode(text) and again.eos_id == tok.eos_id
+    assert hf_tok.model_max_length == model.config.max_seq_len
 
 
 def test_export_skips_non_hf_tokenizer(tmp_path, caplog):
@@ -174,3 +176,9 @@ def test_unsupported_features_are_config_errors():
         model_config_from_llama(sliding)
     with pytest.raises(ConfigError, match="config.json"):
         from_hf_llama("/nonexistent/dir")
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match=r"pip install 'psann-lm\[hf\]'"):
+        llama_config_from(tiny_config(True))

@@ -156,6 +156,7 @@ class _Evil:
         return (os.system, ("touch pwned_marker",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_loading_never_unpickles_code(dp, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     final = _tiny_checkpoint(dp, tmp_path)
@@ -184,3 +185,25 @@ def test_checkpoint_write_is_atomic(dp, tmp_path, monkeypatch):
     after = weights(final)
     assert all(torch.equal(before[k], after[k]) for k in before)  # old checkpoint intact
     assert not [p for p in final.parent.iterdir() if p.name.startswith(".")]  # no temp left behind
+
+
+def _first_train_loss(dp, tmp_path, name, **opts):
+    lm = psannLM(**TINY)
+    lm.fit(dp, checkpoint_dir=str(tmp_path / name), max_steps=1, batch_tokens=64, **{**FAST, **opts})
+    return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_label_smoothing_and_eval_batches_are_honoured(dp, tmp_path):
+    plain = _first_train_loss(dp, tmp_path, "plain")
+    smooth = _first_train_loss(dp, tmp_path, "smooth", label_smoothing=0.5)
+    assert smooth["loss"] != pytest.approx(plain["loss"], abs=1e-4)
+    full = psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path / "e1"), max_steps=1, batch_tokens=64, **FAST)
+    capped = psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path / "e2"), max_steps=1, batch_tokens=64,
+                                 eval_batches=1, **FAST)
+    assert capped.last_run["val_tokens"] < full.last_run["val_tokens"]
+
+
+def test_distributed_request_is_an_error_not_ignored(dp, tmp_path):
+    with pytest.raises(ConfigError, match="ddp"):
+        psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path), max_steps=1, batch_tokens=64, **{**FAST, "device": "cpu"},
+                            ddp="on")

@@ -40,51 +40,50 @@ def generate_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], gen: Gen
     device = next(model.parameters()).device
     prompts = [list(p)[-(max_seq_len - 1):] if max_seq_len > 1 else list(p)[-1:] for p in prompts]
     tokens, mask = left_pad(prompts, pad_id, device)
-    B, vocab = tokens.shape[0], None
+    B = tokens.shape[0]
     generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.seed is not None else None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    finished = [False] * B
     out: list[list[int]] = [[] for _ in range(B)]
-    cache = None
+    cache, padded = None, False
 
     def forward_window() -> torch.Tensor:
-        nonlocal cache, tokens, mask
+        nonlocal cache, tokens, mask, padded
         tokens, mask = tokens[:, -max_seq_len:], mask[:, -max_seq_len:]
-        padded = bool((mask == 0).any())
+        padded = bool((mask == 0).any())  # fixed until the next window: new tokens are always real
         if use_cache:
             cache = model.new_cache(B, max_seq_len)
         return model(tokens, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
 
     logits = forward_window()
-    vocab = logits.shape[-1]
-    present = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-    present.scatter_(1, tokens, mask.bool())
-    present[:, pad_id] = present[:, pad_id] & False  # padding is not a repetition (pad is never a real prompt token)
+    present = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+    if gen.repetition_penalty != 1.0:
+        present.scatter_(1, tokens, mask.bool())
+    rows = torch.arange(B, device=device)
     for _ in range(gen.max_new_tokens):
         logits = apply_repetition_penalty(logits.float(), present, gen.repetition_penalty)
         nxt = choose_next(logits, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, generator=generator)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        for row in range(B):
+        for row, token in enumerate(nxt.tolist()):  # one device->host copy per step
             if finished[row]:
                 continue
-            token = int(nxt[row])
-            if eos_id is not None and token == eos_id:
+            if token == eos_id:
                 finished[row] = True
                 continue
             out[row].append(token)
             if should_stop is not None and should_stop(row, out[row]):
                 finished[row] = True
-        if bool(finished.all()):
+        if all(finished):
             break
-        present[torch.arange(B, device=device), nxt] = True
+        if gen.repetition_penalty != 1.0:
+            present[rows, nxt] = True
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
         if not use_cache:
             logits = forward_window()
         elif cache.length + 1 > max_seq_len:
-            tokens, mask = tokens[:, -(3 * max_seq_len) // 4:], mask[:, -(3 * max_seq_len) // 4:]
+            keep = (3 * max_seq_len) // 4
+            tokens, mask = tokens[:, -keep:], mask[:, -keep:]
             logits = forward_window()
         else:
-            padded = bool((mask == 0).any())
             logits = model(nxt[:, None], attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
     model.train(was_training)
     return out

@@ -311,6 +311,7 @@ def export_hf(model: TransformerLM, tokenizer, out_dir: str | os.PathLike) -> Pa
             eos_token=_token_text(tokenizer, tokenizer.eos_id),
             pad_token=_token_text(tokenizer, tokenizer.pad_id),
             unk_token=_token_text(tokenizer, getattr(tokenizer, "unk_id", None)),
+            model_max_length=model.config.max_seq_len,
         )
         fast.save_pretrained(out)
         logger.info("exported model and tokenizer to %s", out)

@@ -49,17 +49,16 @@ class TransformerLM(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
         x = self.embed(input_ids)
-        rope = None
         if self.rope is not None:
-            rope = self.rope(position_ids, x.dtype)
+            rope = self.rope(position_ids, past, T, x.dtype)
         else:
-            if int(position_ids.max()) >= self.config.max_seq_len:
+            rope = None
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)
+            if past + T > self.config.max_seq_len and int(position_ids.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.config.max_seq_len} "
                                  "of a model with learned positions; shorten the input.")
             x = x + self.pos_embed(position_ids)

@@ -192,6 +192,16 @@ class Trainer:
             log.warning("torch.compile unavailable (%s); training eagerly.", exc)
             return self.model
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.forward(x)
+        except Exception as exc:  # compile errors surface at the first call, not at torch.compile()
+            if self.forward is self.model:
+                raise
+            log.warning("torch.compile failed (%s: %s); training eagerly.", type(exc).__name__, str(exc).splitlines()[0][:200])
+            self.forward = self.model
+            return self.forward(x)
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -209,7 +219,7 @@ class Trainer:
         for x, y in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.forward(x)
+                logits = self._forward(x)
             loss_sum, _ = causal_lm_loss_sum(logits, y, self.cfg.label_smoothing)
             self.scaler.scale(loss_sum / max(1, n_targets)).backward()
             total += float(loss_sum.detach())
