@@ -12,15 +12,15 @@ warmup steps are excluded. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+from _common import apply_preset, cpu_name, preset_parser, to_json
 
 PRESETS = {
     "default": dict(d_model=288, n_layers=6, n_heads=6, n_kv_heads=None, vocab=8192, seq=256, batch=8,
@@ -30,37 +30,9 @@ PRESETS = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def to_json(obj) -> str:
-    """Indented JSON with lists of plain values kept on one line."""
-    text = json.dumps(obj, indent=2)
-    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]",
-                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab", "seq", "batch", "rounds", "steps", "warmup"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
-                       help="overrides the preset")
-    p.add_argument("--tied", action="store_true", help="tie the embedding and output head (default: untied)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    p = preset_parser(__doc__.split("\n")[0], PRESETS)
+    args = apply_preset(p.parse_args(argv), PRESETS)
     return args
 
 

@@ -6,8 +6,10 @@ from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.errors import ConfigError
 
 
-def test_spec_quickstart_runs_verbatim_with_the_transformer_base(tmp_path, monkeypatch):
+def test_spec_quickstart_runs_verbatim(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # fit's default run directory is runs/<timestamp> under the cwd
+    from psann.lm import psannLM, psannLMDataPrep
+
     texts = ["hello world", "goodnight moon"]
     dp = psannLMDataPrep(
         texts,
@@ -18,26 +20,33 @@ def test_spec_quickstart_runs_verbatim_with_the_transformer_base(tmp_path, monke
     )
 
     model = psannLM(
-        base="transformer",
+        base="waveresnet",
         d_model=512,
         n_layers=8,
         n_heads=8,
         vocab_size=dp.vocab_size,
         rope=True,
+        sine_params=dict(amp_init=1.0, freq_init=1.0, damp_init=0.01, trainable=True),
     )
 
     model.fit(dp, epochs=1, batch_tokens=65_536, lr=2e-4, amp="bf16")
-    out = model.generate("Once upon a time", top_p=0.9, max_new_tokens=64)
-    batch = model.generate_batch(["hello", "goodnight"], max_new_tokens=32)
-    assert isinstance(out, str) and len(batch) == 2
+    print(model.generate("Once upon a time", top_p=0.9, max_new_tokens=64))
+    print(model.generate_batch(["hello", "goodnight"], max_new_tokens=32))
+
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "final" / "model.safetensors").exists()
+    assert model.model_config.base == "waveresnet" and model.model.blocks[0].wave is not None
 
 
-def test_spec_quickstart_with_waveresnet_says_it_is_not_available_yet():
-    with pytest.raises(ConfigError, match="waveresnet.*not available"):
-        psannLM(base="waveresnet", d_model=512, n_layers=8, n_heads=8, vocab_size=100, rope=True,
-                sine_params=dict(amp_init=1.0, freq_init=1.0, damp_init=0.01, trainable=True))
+@pytest.mark.parametrize("base", ["respsann", "transformer"])
+def test_spec_quickstart_with_other_bases(base, tmp_path):
+    dp = psannLMDataPrep(["hello world", "goodnight moon"], tokenizer="auto", tokenizer_model_path=None,
+                         max_length=256, pack_sequences=True)
+    sine = dict(amp_init=1.0, freq_init=1.0, damp_init=0.01, trainable=True) if base != "transformer" else None
+    model = psannLM(base=base, d_model=512, n_layers=8, n_heads=8, vocab_size=dp.vocab_size, rope=True, sine_params=sine)
+    model.fit(dp, epochs=1, batch_tokens=65_536, lr=2e-4, amp="bf16", checkpoint_dir=str(tmp_path))
+    assert isinstance(model.generate("Once upon a time", top_p=0.9, max_new_tokens=64), str)
+    assert len(model.generate_batch(["hello", "goodnight"], max_new_tokens=32)) == 2
 
 
 @pytest.fixture(scope="module")

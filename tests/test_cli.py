@@ -45,6 +45,11 @@ def test_generate_cli(trained_run):
     proc = run("-m", "psann.cli", "generate", "--ckpt", str(out / "checkpoints/final"), "--prompt", "Once upon",
                "--prompt", "The cat", "--num-samples", "2", "--max-new-tokens", "8", "--seed", "1")
     assert proc.stdout.count("--- 'Once upon'") == 2 and proc.stdout.count("--- 'The cat'") == 2
+    prompts = out / "prompts.txt"
+    prompts.write_text("First prompt\n\nSecond prompt\n", encoding="utf-8")
+    proc = run("-m", "psann.cli", "generate", "--ckpt", str(out / "checkpoints/final"), "--prompt-file", str(prompts),
+               "--max-new-tokens", "4")
+    assert "--- 'First prompt'" in proc.stdout and "--- 'Second prompt'" in proc.stdout and proc.stdout.count("--- ") == 2
     greedy = [run("-m", "psann.cli", "generate", "--ckpt", str(out / "checkpoints/final"), "--prompt", "A",
                   "--temperature", "0", "--max-new-tokens", "8").stdout for _ in range(2)]
     assert greedy[0] == greedy[1]

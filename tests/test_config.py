@@ -1,10 +1,9 @@
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from psann.lm.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, apply_override, config_reference_markdown,
+from psann.lm.config import (ModelConfig, RunConfig, TrainConfig, apply_override, config_reference_markdown,
                              load_config)
 from psann.lm.errors import ConfigError
 

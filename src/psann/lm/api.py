@@ -15,7 +15,7 @@ from .config import DataConfig, GenerateConfig, ModelConfig, RunConfig, TrainCon
 from .data.loader import TokenWindows
 from .data.text import iter_documents
 from .data.tokens import encode_corpus, split_documents_for_validation
-from .errors import ConfigError, DataError, did_you_mean
+from .errors import ConfigError, DataError
 from .infer.generate import generate_tokens
 from .models import build_model, check_base, count_parameters
 from .tokenizers import build_tokenizer, tokenizer_fingerprint
@@ -90,15 +90,6 @@ class psannLMDataPrep:
         return self.config.max_length
 
 
-def _train_config(kwargs: dict) -> TrainConfig:
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    for key in kwargs:
-        if key not in names:
-            raise ConfigError(f"fit() got an unknown option '{key}'.{did_you_mean(key, names)} "
-                              f"Options: {', '.join(names)}.")
-    return TrainConfig(**kwargs)
-
-
 class psannLM:
     """A language model you can fit, generate with, save and load.
 
@@ -108,11 +99,7 @@ class psannLM:
 
     def __init__(self, base: str = "transformer", d_model: int = 512, n_layers: int = 8, n_heads: int = 8,
                  vocab_size: int | None = None, rope: bool = True, sine_params: dict | None = None, **model_kwargs):
-        names = [f.name for f in dataclasses.fields(ModelConfig)]
-        for key in model_kwargs:
-            if key not in names:
-                raise ConfigError(f"psannLM() got an unknown option '{key}'.{did_you_mean(key, names)} "
-                                  f"Options: {', '.join(names)}.")
+        ModelConfig.check_keys(model_kwargs)
         self.model_config = ModelConfig(base=base, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                                         vocab_size=vocab_size, rope=rope, sine_params=sine_params, **model_kwargs)
         check_base(base)
@@ -131,7 +118,8 @@ class psannLM:
         """
         if not isinstance(dp, psannLMDataPrep):
             raise DataError(f"fit() needs a psannLMDataPrep, got {type(dp).__name__}.")
-        train_cfg = _train_config(dict(epochs=epochs, batch_tokens=batch_tokens, lr=lr, amp=amp, **train_kwargs))
+        TrainConfig.check_keys(train_kwargs)
+        train_cfg = TrainConfig(epochs=epochs, batch_tokens=batch_tokens, lr=lr, amp=amp, **train_kwargs)
         if self.model is None:
             self._build(dp.tokenizer, dp.max_length, train_cfg.seed)
         elif self.tokenizer is not dp.tokenizer and tokenizer_fingerprint(self.tokenizer) != tokenizer_fingerprint(dp.tokenizer):
@@ -171,10 +159,7 @@ class psannLM:
         if isinstance(prompts, str):
             raise TypeError("generate_batch takes a list of prompts; use generate() for one string.")
         base = self.generate_config.to_dict()
-        names = [f.name for f in dataclasses.fields(GenerateConfig)]
-        for key in options:
-            if key not in names:
-                raise ConfigError(f"unknown generation option '{key}'.{did_you_mean(key, names)} Options: {', '.join(names)}.")
+        GenerateConfig.check_keys(options)
         gen = GenerateConfig(**{**base, **options})
         tok = self.tokenizer
         encoded = [tok.encode(p, add_bos=True) for p in prompts]  # BOS only: a prompt never ends in EOS

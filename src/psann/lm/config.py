@@ -54,14 +54,19 @@ class _Validated:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]):
-        if not isinstance(values, dict):
-            raise ConfigError(f"section '{cls.section}' must be a mapping of keys to values, got {type(values).__name__}.")
+    def check_keys(cls, keys: typing.Iterable[str]) -> None:
+        """Unknown keys are errors that suggest the closest valid one."""
         names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
+        for key in keys:
             if key not in names:
                 raise ConfigError(f"unknown key '{cls.section}.{key}'.{did_you_mean(key, names)} "
                                   f"Valid keys of '{cls.section}': {', '.join(names)}.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{cls.section}' must be a mapping of keys to values, got {type(values).__name__}.")
+        cls.check_keys(values)
         return cls(**values)
 
 
@@ -174,7 +179,7 @@ class ModelConfig(_Validated):
     n_layers: int = _opt(8, "Number of decoder blocks.", min=1)
     n_heads: int = _opt(8, "Attention heads; must divide d_model.", min=1)
     n_kv_heads: int | None = _opt(None, "Key/value heads for grouped-query attention (default: n_heads); must divide n_heads.", min=1)
-    d_mlp: int | None = _opt(None, "MLP hidden size (default: 8/3 * d_model rounded up to a multiple of 64, SwiGLU).", min=1)
+    d_mlp: int | None = _opt(None, "MLP hidden size (default: transformer 8/3 * d_model rounded up to a multiple of 64 (SwiGLU); sine bases 4 * d_model).", min=1)
     vocab_size: int | None = _opt(None, "Vocabulary size (default: the tokenizer's).", min=1)
     max_seq_len: int | None = _opt(None, "Context window in tokens (default: data.max_length); longer prompts are truncated from the left.", min=1)
     rope: bool = _opt(True, "Rotary position embeddings; false uses learned absolute position embeddings.")
@@ -184,9 +189,23 @@ class ModelConfig(_Validated):
     dropout: float = _opt(0.0, "Dropout on attention weights and residual branches during training.", min=0.0, max=1.0)
     init_std: float = _opt(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
     causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention.")
-    sine_params: dict[str, Any] | None = _opt(None, "Sine activation settings of the PSANN bases (amp_init, freq_init, damp_init, trainable, ...).")
+    sine_params: dict[str, Any] | None = _opt(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
+    wave_mode: str = _opt("interleave", "waveresnet only: wave blocks after the MLP (interleave), instead of it (replace), or none (off).", choices=("interleave", "replace", "off"))
+    wave_kernel_size: int = _opt(3, "waveresnet only: kernel of the causal depthwise convolution over time.", min=1)
+    wave_dilation_growth: int = _opt(2, "waveresnet only: dilation of layer i is growth ** (i % cycle).", min=1)
+    wave_dilation_cycle: int = _opt(4, "waveresnet only: layers after which the dilation starts again at 1.", min=1)
 
     def check(self) -> None:
+        if self.sine_params is not None:
+            from psann.sine import SineConfig
+
+            SineConfig.from_dict(self.sine_params)  # validate every key now, whatever the source
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("wave_")}
+        if self.base != "waveresnet":
+            changed = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if changed:
+                raise ConfigError(f"'model.{changed[0]}' only applies to base 'waveresnet' (base is '{self.base}'); "
+                                  "remove it or set model.base=waveresnet.")
         if self.d_model % self.n_heads:
             raise ConfigError(f"'model.d_model' ({self.d_model}) must be divisible by 'model.n_heads' ({self.n_heads}).")
         if (self.d_model // self.n_heads) % 2 and self.rope:
@@ -246,6 +265,7 @@ class TrainConfig(_Validated):
     ddp: str = _opt("auto", "Data parallelism across torchrun processes: auto (on when WORLD_SIZE > 1), on, off.", choices=("auto", "on", "off"))
     device: str = _opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     compile: bool = _opt(False, "torch.compile the model (falls back to eager with a warning where unsupported).")
+    grad_checkpoint: bool = _opt(False, "Activation checkpointing per block: recompute activations in backward to save memory.")
     seed: int = _opt(1337, "Seed for initialisation, data order and dropout.")
     checkpoint_dir: str | None = _opt(None, "Run directory for checkpoints, metrics and plots (default: runs/<timestamp>).")
     resume_from: str | None = _opt(None, "Checkpoint directory to resume from (exact continuation), or 'latest' in checkpoint_dir.")

@@ -7,6 +7,7 @@ export) so weights move between the two without permutation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -116,6 +117,17 @@ def build_attention_mask(key_valid: torch.Tensor | None, q_len: int, past: int, 
     return allowed
 
 
+@dataclass
+class BlockInputs:
+    """What every block receives besides the hidden states; built once per forward by the model."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin for the current positions
+    attn_mask: torch.Tensor | None                  # boolean (B, 1, T, past + T), or None
+    is_causal: bool                                 # let SDPA apply the causal mask itself
+    cache: "KVCache | None"
+    token_mask: torch.Tensor | None = None          # (B, T), 0 at padding; for layers that mix along time
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -125,8 +137,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         B, T, _ = x.shape
         # One matmul per weight slice (not a split of the fused output): contiguous q/k/v and no
         # concatenation of their gradients in backward.
@@ -136,12 +147,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)
+        if inputs.rope is not None:
+            q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
+        if inputs.cache is not None:
+            k, v = inputs.cache.update(self.layer_index, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            q, k, v, attn_mask=inputs.attn_mask, is_causal=inputs.is_causal and inputs.attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
@@ -163,19 +174,26 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). The MLP is the family's choice."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). The MLP is the family's choice
+    (None: no MLP branch)."""
 
-    def __init__(self, config: ModelConfig, layer_index: int, mlp: nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, mlp: nn.Module | None):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config, layer_index)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if mlp is not None else None
         self.mlp = mlp
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, is_causal, cache):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, cache))
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), inputs))
+        if self.mlp is None:
+            return x
         return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+# Linears that write into the residual stream (their init is scaled down with depth).
+RESIDUAL_OUTPUTS = ("attn.out", "mlp.down", "mlp.fc2", "wave.out")
 
 
 def init_weights(model: nn.Module, config: ModelConfig) -> None:
@@ -184,7 +202,7 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
     residual_std = config.init_std / math.sqrt(2 * config.n_layers)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            std = residual_std if name.endswith(("attn.out", "mlp.down")) else config.init_std
+            std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else config.init_std
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .layers import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask, init_weights
+from .layers import BlockInputs, DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask, init_weights
 
 
 class TransformerLM(nn.Module):
@@ -22,12 +22,16 @@ class TransformerLM(nn.Module):
             self.rope = None
             self.pos_embed = nn.Embedding(config.max_seq_len, d)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(DecoderBlock(config, i, self.make_mlp(i)) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(self.make_block(i) for i in range(config.n_layers))
         self.norm = RMSNorm(d, config.norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         init_weights(self, config)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def make_block(self, layer_index: int) -> nn.Module:
+        """Block `layer_index`; families override this or just `make_mlp`."""
+        return DecoderBlock(self.config, layer_index, self.make_mlp(layer_index))
 
     def make_mlp(self, layer_index: int) -> nn.Module:
         """The MLP of block `layer_index`; other families override this (e.g. a sine MLP)."""
@@ -64,10 +68,12 @@ class TransformerLM(nn.Module):
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
         causal = self.config.causal
-        mask = build_attention_mask(attention_mask, T, past, causal, input_ids.device)
-        is_causal = causal and past == 0 and T > 1
+        inputs = BlockInputs(
+            rope=rope, attn_mask=build_attention_mask(attention_mask, T, past, causal, input_ids.device),
+            is_causal=causal and past == 0 and T > 1, cache=cache,
+            token_mask=attention_mask[:, past:past + T] if attention_mask is not None else None)
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache)
+            x = block(x, inputs)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -11,24 +11,30 @@ from ..config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay 2-D weight matrices; never norms, biases, embeddings (tied heads included) or gains.
+    """Decay 2-D weight matrices; never norms, biases, embeddings (tied heads included), gains or
+    sine parameters (decay would drag their raw values towards softplus(0) = 0.69).
 
-    A module may list extra parameter names to keep out of decay in `no_weight_decay()`.
+    A module may define `param_group_options()` -> {"weight_decay": ..., "lr_mult": ...} for its
+    own direct parameters (SineParam uses it for its LR multiplier).
     """
-    skip = set()
-    for module_name, module in model.named_modules():
+    options: dict[int, dict] = {}
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False))
         if isinstance(module, nn.Embedding):
-            skip.update(id(p) for p in module.parameters(recurse=False))
-        if hasattr(module, "no_weight_decay"):
-            for name in module.no_weight_decay():
-                skip.add(id(module.get_parameter(name)))
-    decay, no_decay, seen = [], [], set()
+            options.update({id(p): {"weight_decay": 0.0} for p in own.values()})
+        if hasattr(module, "param_group_options"):
+            options.update({id(p): module.param_group_options() for p in own.values()})
+    groups: dict[tuple[float, float], list] = {}
+    seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in skip else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = options.get(id(p), {})
+        decay = opt.get("weight_decay", weight_decay if p.ndim >= 2 else 0.0)
+        groups.setdefault((decay, opt.get("lr_mult", 1.0)), []).append(p)
+    return [{"params": params, "weight_decay": decay, "lr_mult": lr_mult}
+            for (decay, lr_mult), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

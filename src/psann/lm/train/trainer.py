@@ -24,6 +24,7 @@ from ..objectives import causal_lm_loss_sum
 from ..report.metrics import MetricsLogger, plot_loss_curve
 from . import checkpoint as ckpt
 from .optim import build_optimizer, default_warmup, lr_at
+from .parallel import apply_activation_checkpointing, maybe_compile
 
 log = logging.getLogger("psann.lm")
 CPU_MICRO_BATCH_TOKENS = 16384  # keeps CPU activations small without hurting matmul efficiency
@@ -161,7 +162,9 @@ class Trainer:
             log.info("initialised weights from %s", cfg.init_from)
         if self.run_dir is None:
             self.run_dir = new_run_dir()
-        self.forward = self._maybe_compile()
+        if cfg.grad_checkpoint:
+            log.info("activation checkpointing on %d blocks", apply_activation_checkpointing(self.model))
+        self.forward = maybe_compile(self.model, cfg.compile)
 
     # -- setup -------------------------------------------------------------------------------
     def _resume(self, where: str) -> None:
@@ -182,15 +185,6 @@ class Trainer:
         if self.run_dir is None:
             self.run_dir = Path(where).resolve().parent.parent
         log.info("resumed from %s at step %d", where, self.step)
-
-    def _maybe_compile(self):
-        if not self.cfg.compile:
-            return self.model
-        try:
-            return torch.compile(self.model)
-        except Exception as exc:  # compile support varies by platform; eager always works
-            log.warning("torch.compile unavailable (%s); training eagerly.", exc)
-            return self.model
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
