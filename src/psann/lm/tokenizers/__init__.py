@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from ..errors import CheckpointError, ConfigError, DataError, unknown_choice
 from .base import META_FILE, Tokenizer, TokenizerFileNotFoundError, read_meta
+from .bpe_train import train_bpe
 from .byte import ByteTokenizer
 from .char import CharTokenizer
 
@@ -32,6 +33,7 @@ __all__ = [
     "build_tokenizer",
     "load_tokenizer",
     "tokenizer_fingerprint",
+    "train_bpe",
 ]
 
 logger = logging.getLogger("psann.lm")
