@@ -232,7 +232,7 @@ class DataConfig(_Validated):
     train_files: list[str] = _opt(None, "Text files (UTF-8; bad bytes are replaced and counted) to train on.", factory=list)
     val_files: list[str] = _opt(None, "Optional held-out text files; when empty, val_split carves validation out of train_files.", factory=list)
     doc_separator: str | None = _opt(None, "Splits each file into documents (e.g. '<|endoftext|>' or a blank line '\\n\\n'); default: one document per file.")
-    tokenizer: str = _opt("auto", "Tokenizer backend: auto (sentencepiece -> tokenizers -> char), byte, char (alias simple), sentencepiece, tokenizers.", choices=TOKENIZER_KINDS)
+    tokenizer: str = _opt("auto", "Tokenizer backend: auto (sentencepiece -> tokenizers -> char), byte, char (alias simple), bpe (from-scratch byte-level BPE, tiktoken engine), sentencepiece, tokenizers.", choices=TOKENIZER_KINDS)
     tokenizer_model_path: str | None = _opt(None, "Load this tokenizer (.model, tokenizer.json, or a saved tokenizer directory) instead of training one.")
     tokenizer_vocab_size: int | None = _opt(None, "Vocabulary size when training a subword tokenizer (a soft limit for tiny corpora).", min=8)
     max_length: int = _opt(256, "Tokens per training window (sequence length).", min=1)

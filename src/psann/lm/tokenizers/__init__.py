@@ -28,6 +28,7 @@ __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
     "SentencePieceTokenizer",
+    "BPETokenizer",
     "HFTokenizer",
     "TokenizerFileNotFoundError",
     "build_tokenizer",
@@ -38,11 +39,12 @@ __all__ = [
 
 logger = logging.getLogger("psann.lm")
 
-TOKENIZER_KINDS: tuple[str, ...] = ("auto", "byte", "char", "simple", "sentencepiece", "tokenizers")
+TOKENIZER_KINDS: tuple[str, ...] = ("auto", "byte", "char", "simple", "bpe", "sentencepiece", "tokenizers")
 _ALIASES = {"simple": "char"}  # "simple" is the name an older spec used
 # kind -> (module, class name); modules are imported only when needed.
 _BACKENDS = {
     "byte": (".byte", "ByteTokenizer"),
+    "bpe": (".bpe", "BPETokenizer"),
     "char": (".char", "CharTokenizer"),
     "sentencepiece": (".spm", "SentencePieceTokenizer"),
     "tokenizers": (".hf", "HFTokenizer"),
@@ -63,7 +65,7 @@ def _backend_class(kind: str) -> type[Tokenizer]:
     try:
         return getattr(importlib.import_module(module, __name__), cls_name)
     except ImportError as exc:
-        library = "sentencepiece" if kind == "sentencepiece" else "tokenizers"
+        library = {"sentencepiece": "sentencepiece", "bpe": "tiktoken"}.get(kind, "tokenizers")
         raise ConfigError(
             f"tokenizer '{kind}' needs the '{library}' package ({exc}); "
             f"install it with 'pip install {library}' or pick another tokenizer kind"
