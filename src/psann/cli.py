@@ -1,4 +1,4 @@
-"""The `psannlm` command: train, generate, eval and demo (each maps onto a module of psann.lm)."""
+"""The `psannlm` command: train, generate, eval, tokenizer and demo (each maps onto a module of psann.lm)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
 
+    from psann.lm.tokenizers.cli import add_parser as add_tokenizer_parser
+
+    add_tokenizer_parser(sub)
+
     p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample")
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
     p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="size of the generated corpus")
@@ -126,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, extra)
         if args.command == "demo":
             return cmd_demo(args, extra)
+        if args.command == "tokenizer":
+            from psann.lm.tokenizers.cli import run as run_tokenizer
+
+            return run_tokenizer(args)
         return {"generate": cmd_generate, "eval": cmd_eval}[args.command](args)
     except PsannError as exc:
         print(f"error: {exc}", file=sys.stderr)

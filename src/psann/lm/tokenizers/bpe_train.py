@@ -196,22 +196,23 @@ def bpe_merges(word_counts: dict[bytes, int], n_merges: int, first_id: int,
     return merges
 
 
-def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: Sequence[str] = (), *,
-              pattern: str = GPT2_PATTERN, num_workers: int | None = None,
+def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
+              special_tokens: Sequence[str] = (), *, pattern: str = GPT2_PATTERN, num_workers: int | None = None,
               progress: bool = True) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """Train a byte-level BPE on a text file -> (vocab id -> bytes, merges in creation order)."""
-    path = Path(input_path)
-    if not path.is_file():
-        raise DataError(f"BPE training input not found (or not a file): {path}")
+    """Train a byte-level BPE on one or more text files -> (vocab id -> bytes, merges in creation order)."""
+    paths = [Path(input_path)] if isinstance(input_path, (str, os.PathLike)) else [Path(p) for p in input_path]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"BPE training input not found (or not a file): {path}")
     special_tokens = list(dict.fromkeys(special_tokens))
     minimum = 256 + len(special_tokens)
     if vocab_size < minimum:
         raise ConfigError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte values and "
                           f"{len(special_tokens)} special token(s), so at least {minimum}.")
     workers = num_workers or os.cpu_count() or 1
-    if path.stat().st_size <= BLOCK_CHARS:
+    if sum(p.stat().st_size for p in paths) <= BLOCK_CHARS:
         workers = 1  # one block: a process pool would only add its start-up time
-    tasks = ((block, pattern, tuple(special_tokens)) for block in iter_blocks(path, special_tokens))
+    tasks = ((block, pattern, tuple(special_tokens)) for path in paths for block in iter_blocks(path, special_tokens))
     word_counts: Counter = Counter()
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -221,7 +222,7 @@ def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: Se
         for task in tasks:
             word_counts.update(_count_block(task))
     if not word_counts:
-        raise DataError(f"{path} has no text to train on (empty, or only special tokens).")
+        raise DataError(f"{', '.join(map(str, paths))}: no text to train on (empty, or only special tokens).")
     vocab: dict[int, bytes] = {i: t.encode("utf-8") for i, t in enumerate(special_tokens)}
     vocab.update({len(special_tokens) + i: bytes([i]) for i in range(256)})
     # Sorted so the merge order never depends on worker scheduling or dict insertion order.

@@ -1,0 +1,138 @@
+"""`psannlm tokenizer train | encode | stats`: the from-scratch BPE from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+
+READ_CHARS = 1 << 20  # characters handed to encode_iterable at a time
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE, encode a corpus to .npy, report bytes/token")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    t.add_argument("--input", nargs="+", required=True, help="text files (UTF-8; bad bytes are replaced and counted)")
+    t.add_argument("--vocab-size", type=int, required=True, help="total size: specials + 256 bytes + merges")
+    t.add_argument("--special-token", action="append", default=None,
+                   help="special token (repeatable; default <|endoftext|>)")
+    t.add_argument("--pattern", choices=("gpt2", "gpt4"), default="gpt2", help="pre-tokenisation regex")
+    t.add_argument("--num-workers", type=int, default=None, help="pre-tokenisation processes (default: all cores)")
+    t.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json, ...")
+
+    e = tsub.add_parser("encode", help="encode a text file to a .npy of token ids (uint16 when the vocab fits)")
+    e.add_argument("--tokenizer", required=True, help="a saved tokenizer directory")
+    e.add_argument("--input", required=True)
+    e.add_argument("--out", required=True, help="output .npy path")
+
+    s = tsub.add_parser("stats", help="bytes/token and encoding throughput on sampled documents")
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--input", required=True)
+    s.add_argument("--docs", type=int, default=10, help="documents to sample")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--separator", default="<|endoftext|>",
+                   help="document separator (falls back to blank lines when absent)")
+
+
+def run(args) -> int:
+    return {"train": _train, "encode": _encode, "stats": _stats}[args.tokenizer_command](args)
+
+
+def _train(args) -> int:
+    from .bpe import BPETokenizer
+    from .bpe_train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
+
+    specials = args.special_token or ["<|endoftext|>"]
+    pattern = GPT4_PATTERN if args.pattern == "gpt4" else GPT2_PATTERN
+    start = time.perf_counter()
+    vocab, merges = train_bpe(args.input, args.vocab_size, specials, pattern=pattern, num_workers=args.num_workers)
+    seconds = time.perf_counter() - start
+    tok = BPETokenizer(vocab, merges, specials, pattern)
+    tok.save(args.out)
+    tok.to_hf(args.out)
+    print(json.dumps({"out": args.out, "vocab_size": tok.vocab_size, "merges": len(merges),
+                      "special_tokens": specials, "train_s": round(seconds, 2)}, indent=2))
+    return 0
+
+
+def _read_chunks(path: Path, bar: tqdm):
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        while True:
+            text = fh.read(READ_CHARS)
+            if not text:
+                return
+            bar.update(len(text.encode("utf-8")))
+            yield text
+
+
+def _encode(args) -> int:
+    from ..data.tokens import token_dtype
+    from . import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    path, out = Path(args.input), Path(args.out)
+    if not path.is_file():
+        raise DataError(f"input not found (or not a file): {path}")
+    dtype = token_dtype(tok.vocab_size)
+    raw = out.with_name(out.name + ".ids.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="encode")
+    start, count = time.perf_counter(), 0
+    with open(raw, "wb") as sink:
+        if hasattr(tok, "encode_iterable"):  # streaming, exactly equal to encoding the whole text
+            buffer: list[int] = []
+            for token in tok.encode_iterable(_read_chunks(path, bar)):
+                buffer.append(token)
+                if len(buffer) >= 1 << 20:
+                    sink.write(np.asarray(buffer, dtype=dtype).tobytes())
+                    count += len(buffer)
+                    buffer.clear()
+            sink.write(np.asarray(buffer, dtype=dtype).tobytes())
+            count += len(buffer)
+        else:
+            ids = tok.encode("".join(_read_chunks(path, bar)))
+            sink.write(np.asarray(ids, dtype=dtype).tobytes())
+            count = len(ids)
+    bar.close()
+    tmp_npy = out.with_name(out.name + ".tmp.npy")
+    ids = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=(count,))
+    ids[:] = np.fromfile(raw, dtype=dtype)
+    ids.flush()
+    del ids
+    os.replace(tmp_npy, out)
+    raw.unlink()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"out": str(out), "tokens": count, "dtype": dtype.name,
+                      "bytes_per_token": round(path.stat().st_size / max(1, count), 3),
+                      "mb_per_s": round(path.stat().st_size / 1e6 / seconds, 2)}, indent=2))
+    return 0
+
+
+def _stats(args) -> int:
+    from . import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    path = Path(args.input)
+    if not path.is_file():
+        raise DataError(f"input not found (or not a file): {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    docs = [d for d in (text.split(args.separator) if args.separator in text else text.split("\n\n")) if d.strip()]
+    sample = random.Random(args.seed).sample(docs, min(args.docs, len(docs)))
+    start = time.perf_counter()
+    n_tokens = sum(len(tok.encode(d)) for d in sample)
+    seconds = time.perf_counter() - start
+    n_bytes = sum(len(d.encode("utf-8")) for d in sample)
+    print(json.dumps({"docs": len(sample), "bytes": n_bytes, "tokens": n_tokens,
+                      "bytes_per_token": round(n_bytes / max(1, n_tokens), 3),
+                      "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 2)}, indent=2))
+    return 0
