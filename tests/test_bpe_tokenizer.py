@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("tiktoken")
 
 from psann.lm.data.demo_corpus import generate_stories  # noqa: E402
+from psann.lm.errors import DataError  # noqa: E402
 from psann.lm.tokenizers.base import META_FILE  # noqa: E402
 from psann.lm.tokenizers.bpe import BPETokenizer, bytes_to_unicode, str_to_token, token_to_str  # noqa: E402
 from psann.lm.tokenizers.bpe_train import train_bpe  # noqa: E402
@@ -253,3 +254,64 @@ def test_registry_backend_trains_saves_and_reloads(tmp_path):
     again = load_tokenizer(tmp_path / "tok")
     sample = texts[0] + "<|endoftext|>" + texts[1]
     assert again.encode(sample) == tok.encode(sample) and tok.decode(tok.encode(texts[0])) == texts[0]
+
+
+def test_hugging_face_round_trips_both_directions(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    stories = generate_stories(60, seed=11)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("<|endoftext|>".join(stories), encoding="utf-8")
+    samples = [generate_stories(1, seed=77)[0], "Tabs\tand  spaces, café 🙂 123!", "a<|endoftext|>b"]
+
+    # ours -> HF: tokenizers and transformers both load our tokenizer.json with identical ids
+    vocab, merges = train_bpe(corpus, 500, ["<|endoftext|>"], progress=False)
+    ours = BPETokenizer(vocab, merges, ["<|endoftext|>"])
+    ours.to_hf(tmp_path / "ours_hf")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "ours_hf" / "tokenizer.json"))
+    for text in samples:
+        assert fast.encode(text, add_special_tokens=False) == ours.encode(text)
+        assert BPETokenizer.from_hf(tmp_path / "ours_hf" / "tokenizer.json").encode(text) == ours.encode(text)
+
+    # HF -> ours: a tokenizer trained by the HF library loads with identical ids
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train([str(corpus)], trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "hf.json"))
+    loaded = BPETokenizer.from_hf(tmp_path / "hf.json")
+    for text in samples:
+        assert loaded.encode(text) == hf.encode(text).ids
+    assert loaded.eos_id == hf.token_to_id("<|endoftext|>")
+
+
+def test_from_hf_rejects_what_it_cannot_reproduce(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "ws.json"))
+    with pytest.raises(DataError, match="unsupported pre-tokenizer"):
+        BPETokenizer.from_hf(tmp_path / "ws.json")
+    with pytest.raises(DataError, match="does not exist"):
+        BPETokenizer.from_hf(tmp_path / "missing.json")
+
+
+def test_registry_loads_bpe_from_hf_and_gpt2_files(tmp_path):
+    from psann.lm.tokenizers import build_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("<|endoftext|>".join(generate_stories(30, seed=3)), encoding="utf-8")
+    vocab, merges = train_bpe(corpus, 400, ["<|endoftext|>"], progress=False)
+    ours = BPETokenizer(vocab, merges, ["<|endoftext|>"])
+    ours.to_hf(tmp_path / "hf")
+    ours.save(tmp_path / "saved")
+    gpt2_dir = tmp_path / "gpt2"
+    gpt2_dir.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (gpt2_dir / name).write_bytes((tmp_path / "saved" / name).read_bytes())
+    text = generate_stories(1, seed=8)[0]
+    for kind, path in (("bpe", tmp_path / "hf" / "tokenizer.json"), ("bpe", tmp_path / "hf"), ("auto", gpt2_dir)):
+        tok = build_tokenizer(kind, model_path=str(path))
+        assert tok.kind == "bpe" and tok.encode(text) == ours.encode(text)

@@ -125,25 +125,31 @@ def _load_model_path(kind: str, path: Path) -> Tokenizer:
     if not path.exists():
         raise TokenizerFileNotFoundError(
             f"tokenizer model_path '{path}' does not exist. Pass a SentencePiece .model file, "
-            "a Hugging Face tokenizer.json (or a directory holding one), or a directory written "
+            "a Hugging Face tokenizer.json (or a directory holding one), a directory with GPT-2 "
+            "vocab.json + merges.txt, or a directory written "
             "by Tokenizer.save(); or leave model_path unset to train a tokenizer on your texts."
         )
+    bpe = _backend_class("bpe") if kind == "bpe" else None
     if path.is_dir():
         if (path / META_FILE).is_file():
             tok = load_tokenizer(path)
+        elif bpe is not None and (path / "tokenizer.json").is_file():
+            tok = bpe.from_hf(path / "tokenizer.json")  # type: ignore[attr-defined]
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():  # GPT-2 style files
+            tok = _backend_class("bpe").from_files(path / "vocab.json", path / "merges.txt")  # type: ignore[attr-defined]
         elif (path / "tokenizer.json").is_file():
             tok = _backend_class("tokenizers").from_file(path / "tokenizer.json")  # type: ignore[attr-defined]
         elif (path / "tokenizer.model").is_file():
             tok = _backend_class("sentencepiece").from_model_file(path / "tokenizer.model")  # type: ignore[attr-defined]
         else:
             raise DataError(
-                f"directory '{path}' holds no tokenizer: expected {META_FILE}, tokenizer.json "
-                "or tokenizer.model in it"
+                f"directory '{path}' holds no tokenizer: expected {META_FILE}, tokenizer.json, "
+                "tokenizer.model, or vocab.json + merges.txt in it"
             )
     elif path.suffix == ".model":
         tok = _backend_class("sentencepiece").from_model_file(path)  # type: ignore[attr-defined]
     elif path.suffix == ".json":
-        tok = _backend_class("tokenizers").from_file(path)  # type: ignore[attr-defined]
+        tok = bpe.from_hf(path) if bpe is not None else _backend_class("tokenizers").from_file(path)  # type: ignore[attr-defined]
     else:
         raise DataError(
             f"cannot tell what tokenizer '{path}' is: use a SentencePiece '.model' file, "

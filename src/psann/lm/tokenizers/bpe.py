@@ -275,14 +275,56 @@ class BPETokenizer(Tokenizer):
             raise DataError(f"'{vocab_path}' is not a JSON vocab file: {exc}") from exc
         if not isinstance(raw_vocab, dict):
             raise DataError(f"'{vocab_path}' must hold a JSON object token -> id")
+        pairs = [(f"{merges_path}:{n}", line.split(" "))
+                 for n, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip() and not (n == 1 and line.startswith("#version"))]
+        return cls._from_tables(raw_vocab, pairs, str(vocab_path), special_tokens, pattern=pattern, roles=roles,
+                                special_ids=special_ids)
+
+    @classmethod
+    def from_hf(cls, tokenizer_json: str | os.PathLike) -> "BPETokenizer":
+        """Load a Hugging Face byte-level BPE ``tokenizer.json`` (roles from a
+        ``special_tokens_map.json`` beside it when present)."""
+        path = Path(tokenizer_json)
+        if not path.is_file():
+            raise DataError(f"Hugging Face tokenizer file '{path}' does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"'{path}' is not a JSON tokenizer file: {exc}") from exc
+        model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or data.get("normalizer"):
+            raise DataError(f"'{path}': only byte-level BPE without a normalizer can be loaded as 'bpe' "
+                            f"(model {model.get('type')!r}); load it with tokenizer='tokenizers' instead")
+        if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+            pattern = GPT2_PATTERN
+        else:
+            raise DataError(f"'{path}': unsupported pre-tokenizer {pre.get('type')!r} (need ByteLevel with the GPT-2 "
+                            "regex and no prefix space); load it with tokenizer='tokenizers' instead")
+        raw_vocab = dict(model.get("vocab") or {})
+        added = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+        raw_vocab.update(added)
+        pairs = [(f"{path}: merge {n}", m.split(" ") if isinstance(m, str) else list(m))
+                 for n, m in enumerate(model.get("merges") or [], 1)]
+        roles = None
+        role_file = path.with_name(HF_SPECIAL_MAP_FILE)
+        if role_file.is_file():
+            role_map = json.loads(role_file.read_text(encoding="utf-8"))
+            roles = {k[:-len("_token")]: v if isinstance(v, str) else v.get("content")
+                     for k, v in role_map.items() if k in ("bos_token", "eos_token", "pad_token")}
+        return cls._from_tables(raw_vocab, pairs, str(path), list(added), pattern=pattern, roles=roles)
+
+    @classmethod
+    def _from_tables(cls, raw_vocab: dict, pairs: list[tuple[str, list[str]]], source: str,
+                     special_tokens: Sequence[str] | None, *, pattern: str, roles: dict[str, str] | None,
+                     special_ids: dict[str, int] | None = None) -> "BPETokenizer":
+        """Build from GPT-2-style tables: token string -> id, and merges as string pairs in rank order."""
+        vocab_path = source
         merges: list[tuple[bytes, bytes]] = []
-        for n, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip() or (n == 1 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
+        for where, parts in pairs:
             a, b = (str_to_token(p) for p in parts) if len(parts) == 2 else (None, None)
             if a is None or b is None:
-                raise DataError(f"{merges_path}:{n}: expected two byte-level tokens, got {line!r}")
+                raise DataError(f"{where}: expected two byte-level tokens, got {' '.join(map(str, parts))!r}")
             merges.append((a, b))
         needed = {bytes([b]) for b in range(256)} | {a + b for a, b in merges}
         wanted = None if special_tokens is None else set(special_tokens)
