@@ -99,6 +99,15 @@ def _clean_text(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{what} '{path}' does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"'{path}' is not a valid JSON {what}: {exc}") from exc
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE; round-trips any Unicode text exactly (lone surrogates become U+FFFD)."""
 
@@ -266,13 +275,9 @@ class BPETokenizer(Tokenizer):
         None, every entry that is neither a byte nor a merge result (or is not in the byte table).
         """
         vocab_path, merges_path = Path(vocab_json), Path(merges_txt)
-        for p in (vocab_path, merges_path):
-            if not p.is_file():
-                raise DataError(f"BPE file '{p}' does not exist")
-        try:
-            raw_vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(f"'{vocab_path}' is not a JSON vocab file: {exc}") from exc
+        if not merges_path.is_file():
+            raise DataError(f"BPE file '{merges_path}' does not exist")
+        raw_vocab = _read_json(vocab_path, "BPE vocab file")
         if not isinstance(raw_vocab, dict):
             raise DataError(f"'{vocab_path}' must hold a JSON object token -> id")
         pairs = [(f"{merges_path}:{n}", line.split(" "))
@@ -286,12 +291,7 @@ class BPETokenizer(Tokenizer):
         """Load a Hugging Face byte-level BPE ``tokenizer.json`` (roles from a
         ``special_tokens_map.json`` beside it when present)."""
         path = Path(tokenizer_json)
-        if not path.is_file():
-            raise DataError(f"Hugging Face tokenizer file '{path}' does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(f"'{path}' is not a JSON tokenizer file: {exc}") from exc
+        data = _read_json(path, "Hugging Face tokenizer file")
         model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
         if model.get("type") != "BPE" or data.get("normalizer"):
             raise DataError(f"'{path}': only byte-level BPE without a normalizer can be loaded as 'bpe' "
