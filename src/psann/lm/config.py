@@ -22,8 +22,6 @@ import yaml
 from .errors import ConfigError, did_you_mean
 from .tokenizers import TOKENIZER_KINDS
 
-_MISSING = object()
-
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
          max: float | None = None, min_exclusive: bool = False, factory: Any = None):

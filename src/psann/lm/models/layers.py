@@ -80,6 +80,8 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        # Per-layer state of layers that mix along time (e.g. a wave convolution's last inputs).
+        self.conv_states: dict[int, torch.Tensor] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]

@@ -32,9 +32,10 @@ class SineMLP(nn.Module):
         return self.alpha * self.fc2(self.act(self.fc1(x)))
 
 
-def siren_init_(linear: nn.Linear, freq_init: float) -> None:
-    bound = math.sqrt(6.0 / linear.in_features) / max(freq_init, 1e-3)
-    nn.init.uniform_(linear.weight, -bound, bound)
+def siren_init_(weight: torch.Tensor, fan_in: int, freq_init: float) -> None:
+    """SIREN hidden-layer init, U(+-sqrt(6 / fan_in) / freq), for weights feeding a sine."""
+    bound = math.sqrt(6.0 / fan_in) / max(freq_init, 1e-3)
+    nn.init.uniform_(weight, -bound, bound)
 
 
 class ResPSANNLM(TransformerLM):
@@ -43,7 +44,7 @@ class ResPSANNLM(TransformerLM):
         super().__init__(config)
         for module in self.modules():
             if isinstance(module, SineMLP):
-                siren_init_(module.fc1, self.sine.freq_init)
+                siren_init_(module.fc1.weight, module.fc1.in_features, self.sine.freq_init)
 
     def make_mlp(self, layer_index: int) -> nn.Module:
         return SineMLP(self.config.d_model, self.config.d_mlp or 4 * self.config.d_model, self.sine)

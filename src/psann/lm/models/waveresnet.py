@@ -17,15 +17,7 @@ from psann.sine import SineConfig, SineParam
 
 from ..config import ModelConfig
 from .layers import BlockInputs, DecoderBlock, KVCache, RMSNorm
-from .respsann import ResPSANNLM
-
-
-class WaveCache(KVCache):
-    """KV cache plus, per wave block, the inputs its convolution still needs to see."""
-
-    def __init__(self, *args, conv_states: dict[int, torch.Tensor], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.conv_states = conv_states
+from .respsann import ResPSANNLM, siren_init_
 
 
 class WaveBlock(nn.Module):
@@ -67,10 +59,8 @@ class WaveResNetLM(ResPSANNLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         for module in self.modules():
-            if isinstance(module, WaveBlock):
-                # Depthwise taps ~ U(+-sqrt(6 / kernel) / freq_init): the SIREN scale for the sine after them.
-                bound = (6.0 / module.conv.kernel_size[0]) ** 0.5 / max(self.sine.freq_init, 1e-3)
-                nn.init.uniform_(module.conv.weight, -bound, bound)
+            if isinstance(module, WaveBlock):  # each depthwise channel has fan-in = kernel size
+                siren_init_(module.conv.weight, module.conv.kernel_size[0], self.sine.freq_init)
 
     def dilation(self, layer_index: int) -> int:
         return self.config.wave_dilation_growth ** (layer_index % self.config.wave_dilation_cycle)
@@ -84,11 +74,8 @@ class WaveResNetLM(ResPSANNLM):
         return WaveDecoderBlock(cfg, layer_index, mlp, wave)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
-        p = self.embed.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        states = {}
+        cache = super().new_cache(batch_size, max_len, device, dtype)
         for i, block in enumerate(self.blocks):
-            if isinstance(block, WaveDecoderBlock):
-                states[i] = torch.zeros(batch_size, self.config.d_model, block.wave.context, device=device, dtype=dtype)
-        return WaveCache(self.config.n_layers, batch_size, self.config.kv_heads, self.config.head_dim, max_len,
-                         device, dtype, conv_states=states)
+            if isinstance(block, WaveDecoderBlock):  # zeros = the left padding of the full forward
+                cache.conv_states[i] = cache.k.new_zeros(batch_size, self.config.d_model, block.wave.context)
+        return cache
