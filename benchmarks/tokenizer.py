@@ -6,7 +6,11 @@ TinyStories 2 MiB head at 10K vocab and Dickens (10 MB, with invalid UTF-8) at 3
 ../shared/data. Also bytes/token of our 10K TinyStories tokenizer on the train head and on the
 held-out valid head. Prints one JSON object.
 
-    python benchmarks/tokenizer.py [--rounds 3]
+    python benchmarks/tokenizer.py [--rounds 3] [--stream-gb 1]
+
+--stream-gb N adds a memory check: our trainer on an N GB generated corpus (the demo story
+generator, written to a temporary directory first), with peak RSS of the main process and of the
+largest worker.
 """
 
 from __future__ import annotations
@@ -32,10 +36,21 @@ CASES = {
 }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM starts afresh at exec; ru_maxrss (the fallback off Linux)
+    would carry over the peak of the parent that started us."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(trainer: str, path: str, vocab_size: int) -> None:
     """One training in this process; prints training seconds (imports excluded), peak RSS and the
-    merge count. (ru_maxrss survives exec, so a peak below the parent's RSS at fork is not
-    measurable this way; the parent stays small for that reason.)"""
+    merge count."""
     if trainer == "ours":
         from psann.lm.tokenizers.bpe_train import train_bpe
     else:
@@ -52,7 +67,7 @@ def child(trainer: str, path: str, vocab_size: int) -> None:
         tok.train([path], trainer_obj)
         n_merges = len(json.loads(tok.to_str())["model"]["merges"])
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "merges": n_merges}))
 
 
@@ -81,12 +96,41 @@ def bytes_per_token(path: Path, merges: list[tuple[bytes, bytes]]) -> float:
     return total_bytes / total_tokens
 
 
+def stream_child(path: str) -> None:
+    """Our trainer on a large file; peak RSS of this process and of its largest worker."""
+    from psann.lm.tokenizers.bpe_train import train_bpe
+
+    start = time.perf_counter()
+    _, merges = train_bpe(path, 32_000, [SPECIAL], progress=False)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": round(seconds, 1), "mb_per_s": round(Path(path).stat().st_size / 1e6 / seconds, 2),
+                      "main_peak_rss_mb": round(peak_rss_mb(), 1),
+                      "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+                      "merges": len(merges)}))
+
+
+def streaming_memory(gigabytes: float) -> dict:
+    from psann.lm.data.demo_corpus import write_demo_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stories.txt"
+        write_demo_corpus(path, target_bytes=int(gigabytes * 1e9), separator=SPECIAL)
+        out = subprocess.run([sys.executable, __file__, "--stream-child", str(path)],
+                             capture_output=True, text=True, check=True)
+        return {"input_bytes": path.stat().st_size, "vocab_size": 32_000,
+                **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--stream-child":
+        stream_child(sys.argv[2])
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stream-gb", type=float, default=0, help="also train on a generated corpus of this size")
     args = p.parse_args()
     result = {"question": __doc__.split("\n")[0], "cpu": cpu_name(), "rounds": args.rounds, "cases": {}}
     for name, (path, vocab_size) in CASES.items():
@@ -124,12 +168,14 @@ def main() -> None:
         "valid_head": round(bytes_per_token(SHARED / "tinystories" / "tinystories_v1_valid_head.txt", merges), 3),
     }
     result["encoding"] = encoding_throughput(path, vocab_size, args.rounds)
+    if args.stream_gb:
+        result["streaming"] = streaming_memory(args.stream_gb)
     print(json.dumps(result, indent=2))
 
 
 def encoding_throughput(train_path: Path, vocab_size: int, rounds: int) -> dict:
     """MB/s encoding the TinyStories valid head (one thread): our BPETokenizer.encode vs raw
-    tiktoken with the same ranks (our engine, without our special-token split and id mapping)
+    tiktoken with the same ranks (`encode_ordinary`: our engine without special-token handling)
     vs HF tokenizers loading the same vocabulary (to_hf)."""
     from tokenizers import Tokenizer
 

@@ -154,6 +154,21 @@ def test_encode_iterable_is_lazy(tok):
     assert first == tok.encode("the cat sat on the mat. " * 3)[:10]
 
 
+def test_any_id_numbering_gives_the_same_tokens(tok, trained):
+    """Ids that do not grow in merge order take the rank -> id mapping path; same tokens result."""
+    vocab, merges = trained
+    new_ids = list(vocab)
+    random.Random(4).shuffle(new_ids)
+    renumbered = {new: vocab[old] for old, new in zip(vocab, new_ids)}
+    t = BPETokenizer(renumbered, merges, [EOT])
+    assert tok._rank_to_id is None and t._rank_to_id is not None  # both engine paths are exercised
+    for text in TEXTS + _random_texts(40, seed=21):
+        ids = t.encode(text)
+        assert ids == t.encode_reference(text)
+        assert [t._id_bytes_list[i] for i in ids] == [tok._id_bytes_list[i] for i in tok.encode(text)]
+    assert t.encode_batch(TEXTS) == [t.encode(x) for x in TEXTS]
+
+
 def test_encode_batch_matches_encode(tok):
     texts = TEXTS + _random_texts(30, seed=9)
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

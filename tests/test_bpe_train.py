@@ -113,6 +113,8 @@ def test_bad_input(tmp_path, caplog):
         train_bpe(empty, 300, [SPECIAL], progress=False)
     with pytest.raises(ConfigError, match="at least 258"):
         train_bpe(empty, 257, [SPECIAL, "<|pad|>"])
+    with pytest.raises(ConfigError, match="too large"):
+        train_bpe(empty, bpe_train.MAX_VOCAB + 1, [SPECIAL])
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9 ol\xff\xfe d " * 10)
     with caplog.at_level(logging.WARNING, logger="psann.lm"):

@@ -503,24 +503,25 @@ def write_demo_corpus(path: str | os.PathLike, *, target_bytes: int = 3_000_000,
     """
     path = os.fspath(path)
     rng = random.Random(seed)
-    sep_bytes = len(separator.encode("utf-8"))
-    chunks: list[str] = []
-    total = 0
-    while total < target_bytes or not chunks:
-        story = generate_story(rng)
-        total += len(story.encode("utf-8")) + (sep_bytes if chunks else 0)
-        chunks.append(story)
-    data = separator.join(chunks).encode("utf-8")
+    separator_bytes = separator.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".demo_corpus.", suffix=".tmp", dir=directory)
+    stories = total = 0
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, "wb") as fh:  # streamed: memory does not grow with target_bytes
+            while total < target_bytes or not stories:
+                story = generate_story(rng).encode("utf-8")
+                if stories:
+                    fh.write(separator_bytes)
+                    total += len(separator_bytes)
+                fh.write(story)
+                total += len(story)
+                stories += 1
         os.chmod(tmp, 0o644)  # mkstemp creates the file private (0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return {"path": path, "stories": len(chunks), "bytes": len(data), "seed": seed}
+    return {"path": path, "stories": stories, "bytes": total, "seed": seed}

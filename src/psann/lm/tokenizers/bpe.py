@@ -214,21 +214,30 @@ class BPETokenizer(Tokenizer):
                 f"need (first: {missing[0]!r}); the vocab and merges do not belong together"
             )
         self._bytes_to_id = bytes_to_id
-        # tiktoken ranks: contiguous from 0 over 256 bytes then merges (duplicates skipped).
-        ranks: dict[bytes, int] = {}
-        for t in needed:
-            if t not in ranks:
-                ranks[t] = len(ranks)
-        self._rank_to_id = np.array([bytes_to_id[t] for t in ranks], dtype=np.int64)
         self._pair_rank: dict[tuple[bytes, bytes], int] = {}
         for r, pair in enumerate(self.merges):
             self._pair_rank.setdefault(pair, r)
+        # tiktoken merges the lowest rank first and only ranks multi-byte tokens against each
+        # other. When our ids already grow in merge order (files we train, GPT-2's), the ids are
+        # the ranks and tiktoken returns our ids directly; otherwise ranks are contiguous and
+        # mapped to ids afterwards.
+        merged_ids = [bytes_to_id[t] for t in dict.fromkeys(needed[256:]) if len(t) > 1]
+        ids_are_ranks = all(x < y for x, y in zip(merged_ids, merged_ids[1:]))
+        ranks: dict[bytes, int] = {}
+        for t in needed:
+            if t not in ranks:
+                ranks[t] = bytes_to_id[t] if ids_are_ranks else len(ranks)
+        self._rank_to_id = None if ids_are_ranks else np.array([bytes_to_id[t] for t in ranks], dtype=np.int64)
+        # tiktoken finds specials itself, exactly, when none is a prefix of another (its
+        # alternation takes the first listed match, not the longest).
+        prefix_free = not any(x != y and y.startswith(x) for x in specials for y in specials)
+        self._native_specials = frozenset(specials) if ids_are_ranks and prefix_free else None
 
         import tiktoken
 
         self._enc = tiktoken.Encoding(
             name=f"psann_bpe_{id(self)}", pat_str=self.pattern, mergeable_ranks=ranks,
-            special_tokens={},
+            special_tokens=specials if self._native_specials is not None else {},
         )
         # Longest first, so that overlapping specials match the longest (re tries in order).
         ordered = sorted(specials, key=lambda s: (-len(s), s))
@@ -378,11 +387,13 @@ class BPETokenizer(Tokenizer):
             yield text[pos:], False
 
     def _ranks_to_ids(self, ranks: list[int]) -> list[int]:
-        if not ranks:
-            return []
+        if not ranks or self._rank_to_id is None:
+            return ranks
         return self._rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
 
     def _encode_text(self, text: str) -> list[int]:
+        if self._native_specials is not None:
+            return self._enc.encode(text, allowed_special=self._native_specials, disallowed_special=())
         text = _clean_text(text)
         if self._special_re.search(text) is None:
             return self._ranks_to_ids(self._enc.encode_ordinary(text))
@@ -401,6 +412,10 @@ class BPETokenizer(Tokenizer):
         texts = list(texts)
         if any(not isinstance(t, str) for t in texts):
             raise DataError("encode_batch() expects a sequence of str")
+        if self._native_specials is not None:
+            encoded = self._enc.encode_batch(texts, num_threads=num_threads, allowed_special=self._native_specials,
+                                             disallowed_special=())
+            return [self._wrap(ids, add_bos, add_eos) for ids in encoded]
         # Flatten every text's ordinary segments into one tiktoken batch call.
         plans: list[list[tuple[bool, Any]]] = []
         ordinary: list[str] = []

@@ -7,7 +7,9 @@
   compared as byte strings.
 
 Speed comes from counting each distinct pre-token once, updating pair counts incrementally (only
-words that contain the merged pair change; an index maps pairs to words) and a lazy max-heap.
+words that contain the merged pair change, and in them only the pairs next to the merge; an index
+maps pairs to words), a lazy max-heap of plain tuples, and words held as strings of token ids so
+a merge is one `str.replace`.
 The file is read in blocks that end at special-token (or safe whitespace) boundaries and
 pre-tokenised in worker processes, so memory grows with the number of distinct pre-tokens, not
 with the file size; the result does not depend on the number of workers.
@@ -21,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 from collections import Counter, defaultdict
+from operator import add
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,7 +37,8 @@ log = logging.getLogger("psann.lm")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
-BLOCK_CHARS = 1 << 22  # ~4M characters per pre-tokenisation task
+BLOCK_CHARS = 1 << 20  # ~1M characters per pre-tokenisation task
+MAX_VOCAB = 0x10FFFF  # the merge loop holds token ids as str characters
 
 
 def _special_splitter(special_tokens: Sequence[str]):
@@ -45,19 +49,23 @@ def _special_splitter(special_tokens: Sequence[str]):
     return regex.compile("|".join(regex.escape(t) for t in alternatives))
 
 
-def count_pretokens(text: str, pattern: str, special_tokens: Sequence[str]) -> Counter:
-    """Counter of pre-token byte strings in `text`, special tokens removed (never merged across)."""
+def _count_strings(text: str, pattern: str, special_tokens: Sequence[str]) -> Counter:
+    """Counter of pre-token strings in `text`, special tokens removed (never merged across)."""
     splitter = _special_splitter(special_tokens)
-    pieces = splitter.split(text) if splitter else [text]
     compiled = regex.compile(pattern)
     counts: Counter = Counter()
-    for piece in pieces:
-        counts.update(m.group().encode("utf-8") for m in compiled.finditer(piece))
+    for piece in (splitter.split(text) if splitter else [text]):
+        counts.update(compiled.findall(piece))  # counted as str, encoded once per distinct piece
     return counts
 
 
+def count_pretokens(text: str, pattern: str, special_tokens: Sequence[str]) -> Counter:
+    """Counter of pre-token byte strings in `text`, special tokens removed (never merged across)."""
+    return Counter({piece.encode("utf-8"): n for piece, n in _count_strings(text, pattern, special_tokens).items()})
+
+
 def _count_block(args: tuple[str, str, tuple[str, ...]]) -> Counter:
-    return count_pretokens(*args)
+    return _count_strings(*args)
 
 
 def _safe_cut(text: str, special_tokens: Sequence[str]) -> int:
@@ -118,82 +126,97 @@ def iter_blocks(path: Path, special_tokens: Sequence[str], block_chars: int | No
         log.warning("%s: %d invalid UTF-8 byte sequence(s) replaced with U+FFFD.", path, decoder.bad)
 
 
-class _Entry:
-    """Heap entry: higher count first, then the lexicographically greater byte pair."""
-
-    __slots__ = ("count", "key", "pair")
-
-    def __init__(self, count: int, key: tuple[bytes, bytes], pair: tuple[int, int]):
-        self.count, self.key, self.pair = count, key, pair
-
-    def __lt__(self, other: "_Entry") -> bool:
-        if self.count != other.count:
-            return self.count > other.count
-        return self.key > other.key
+_INVERT = bytes(range(255, -1, -1))
 
 
-def _merge_word(word: tuple[int, ...], a: int, b: int, new: int) -> tuple[int, ...]:
-    out, i, n = [], 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == a and word[i + 1] == b:
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
+def _descending_key(token: bytes) -> str:
+    """A string whose ascending order is the descending byte order of `token` (prefix-free thanks
+    to the terminator), so heap tuples break count ties toward the greater pair in C."""
+    return token.translate(_INVERT).decode("latin-1") + "\u0100"
 
 
 def bpe_merges(word_counts: dict[bytes, int], n_merges: int, first_id: int,
                vocab: dict[int, bytes], progress: bool = False) -> list[tuple[bytes, bytes]]:
-    """Run up to `n_merges` merges over pre-token counts; extends `vocab` in place."""
-    words = [tuple(first_id + c for c in w) for w in word_counts]  # byte c has id first_id + c
+    """Run up to `n_merges` merges over pre-token counts; extends `vocab` in place.
+
+    A word is a str whose characters are token ids (chr(id)); a pair is the 2-character string of
+    its ids, so merging is `str.replace` (left to right, non-overlapping: the BPE rule) and the
+    count updates touch only the pairs that change."""
+    byte_to_char = {c: first_id + c for c in range(256)}
+    words = [w.decode("latin-1").translate(byte_to_char) for w in word_counts]
     freqs = list(word_counts.values())
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)
+    order = {i: _descending_key(t) for i, t in vocab.items()}
+    pair_counts: dict[str, int] = defaultdict(int)
+    pair_words: dict[str, set[int]] = defaultdict(set)  # pair -> words that may contain it
     for index, (word, freq) in enumerate(zip(words, freqs)):
-        for pair in zip(word, word[1:]):
+        for pair in map(add, word, word[1:]):
             pair_counts[pair] += freq
             pair_words[pair].add(index)
-    heap = [_Entry(c, (vocab[p[0]], vocab[p[1]]), p) for p, c in pair_counts.items()]
+    # Lazy max-heap: (-count, tie-break keys, pair); entries whose count is out of date are skipped.
+    heap = [(-c, order[ord(p[0])], order[ord(p[1])], p) for p, c in pair_counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[bytes, bytes]] = []
     next_id = max(vocab) + 1
     bar = tqdm(total=n_merges, disable=not progress, unit="merge", desc="bpe")
     while len(merges) < n_merges and heap:
-        entry = heapq.heappop(heap)
-        if pair_counts.get(entry.pair, 0) != entry.count or entry.count <= 0:
-            continue  # stale: the pair's count changed after this entry was pushed
-        a, b = entry.pair
-        new = next_id
-        next_id += 1
-        vocab[new] = vocab[a] + vocab[b]
+        neg_count, _, _, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg_count:
+            continue
+        a, b = ord(pair[0]), ord(pair[1])
+        new = chr(next_id)
+        vocab[next_id] = vocab[a] + vocab[b]
+        order[next_id] = _descending_key(vocab[next_id])
         merges.append((vocab[a], vocab[b]))
-        changed: set[tuple[int, int]] = set()
-        for index in pair_words.pop(entry.pair):
+        next_id += 1
+        delta: dict[str, int] = defaultdict(int)
+        for index in pair_words.pop(pair):
             word = words[index]
-            merged = _merge_word(word, a, b, new)
-            if merged == word:
+            merged = word.replace(pair, new)
+            if len(merged) == len(word):
                 continue  # stale index entry
             freq = freqs[index]
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] -= freq
-                changed.add(pair)
-            for pair in zip(merged, merged[1:]):
-                pair_counts[pair] += freq
-                pair_words[pair].add(index)
-                changed.add(pair)
             words[index] = merged
-        pair_counts.pop(entry.pair, None)
-        for pair in changed:
-            count = pair_counts.get(pair, 0)
-            if count > 0:
-                heapq.heappush(heap, _Entry(count, (vocab[pair[0]], vocab[pair[1]]), pair))
-            else:
-                pair_counts.pop(pair, None)
+            if len(word) - len(merged) == 1 and a != b:
+                # One occurrence (the common case): only its neighbours' pairs change.
+                i = word.index(pair)
+                if i:
+                    delta[word[i - 1] + pair[0]] -= freq
+                    changed = word[i - 1] + new
+                    delta[changed] += freq
+                    pair_words[changed].add(index)
+                if i + 2 < len(word):
+                    delta[pair[1] + word[i + 2]] -= freq
+                    changed = new + word[i + 2]
+                    delta[changed] += freq
+                    pair_words[changed].add(index)
+                continue
+            for old in map(add, word, word[1:]):
+                delta[old] -= freq
+            for changed in map(add, merged, merged[1:]):
+                delta[changed] += freq
+                if new in changed:
+                    pair_words[changed].add(index)
+        delta.pop(pair, None)
+        del pair_counts[pair]  # every occurrence was merged
+        for changed, d in delta.items():
+            if d:
+                count = pair_counts[changed] + d
+                if count > 0:
+                    pair_counts[changed] = count
+                    heapq.heappush(heap, (-count, order[ord(changed[0])], order[ord(changed[1])], changed))
+                else:
+                    del pair_counts[changed]
+                    pair_words.pop(changed, None)
         bar.update(1)
     bar.close()
     return merges
+
+
+def _process_context():
+    """fork where the platform has it: workers start in milliseconds and callers need no
+    ``if __name__ == "__main__"`` guard (the workers only run the regex, never torch)."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else "spawn")
 
 
 def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
@@ -209,18 +232,21 @@ def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab
     if vocab_size < minimum:
         raise ConfigError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte values and "
                           f"{len(special_tokens)} special token(s), so at least {minimum}.")
+    if vocab_size > MAX_VOCAB:
+        raise ConfigError(f"vocab_size {vocab_size} is too large: at most {MAX_VOCAB} is supported.")
     workers = num_workers or os.cpu_count() or 1
     if sum(p.stat().st_size for p in paths) <= BLOCK_CHARS:
         workers = 1  # one block: a process pool would only add its start-up time
     tasks = ((block, pattern, tuple(special_tokens)) for path in paths for block in iter_blocks(path, special_tokens))
     word_counts: Counter = Counter()
     if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
+        with _process_context().Pool(workers) as pool:
             for counts in pool.imap(_count_block, tasks):
                 word_counts.update(counts)
     else:
         for task in tasks:
             word_counts.update(_count_block(task))
+    word_counts = Counter({piece.encode("utf-8"): n for piece, n in word_counts.items()})
     if not word_counts:
         raise DataError(f"{', '.join(map(str, paths))}: no text to train on (empty, or only special tokens).")
     vocab: dict[int, bytes] = {i: t.encode("utf-8") for i, t in enumerate(special_tokens)}
