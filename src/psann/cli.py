@@ -1,4 +1,4 @@
-"""The `psannlm` command: train, generate, eval, tokenizer and demo (each maps onto a module of psann.lm)."""
+"""The `psannlm` command: train, generate, eval, tokenizer, data and demo (each maps onto a module of psann.lm)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tokenizer_parser(sub)
 
+    from psann.lm.data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)
+
     p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample")
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
     p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="size of the generated corpus")
@@ -134,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             from psann.lm.tokenizers.cli import run as run_tokenizer
 
             return run_tokenizer(args)
+        if args.command == "data":
+            from psann.lm.data.cli import run as run_data
+
+            return run_data(args)
         return {"generate": cmd_generate, "eval": cmd_eval}[args.command](args)
     except PsannError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .config import DataConfig, GenerateConfig, ModelConfig, RunConfig, TrainConfig
-from .data.loader import TokenWindows
+from .data.loader import TokenWindows, WindowLoader
 from .data.text import iter_documents
 from .data.tokens import encode_corpus, split_documents_for_validation
 from .errors import ConfigError, DataError
@@ -74,7 +74,47 @@ class psannLMDataPrep:
                  len(val_docs), self.tokenizer.kind, self.tokenizer.vocab_size)
 
     @classmethod
+    def from_built(cls, path: str | os.PathLike, max_length: int = 256, *, sampling: str = "auto",
+                   bos_aligned: bool = False, seed: int = 1337) -> "psannLMDataPrep":
+        """Train on a dataset made by `psannlm data build` (its shards, split and saved tokenizer)."""
+        from .data.shards import ShardedTokens, ShardWindows
+        from .tokenizers import load_tokenizer
+
+        self = cls.__new__(cls)
+        self.config = DataConfig(path=str(path), max_length=max_length, sampling=sampling, bos_aligned=bos_aligned,
+                                 seed=seed)
+        self.tokenizer = load_tokenizer(Path(path) / "tokenizer")
+        train = ShardedTokens(path, "train", expected_fingerprint=tokenizer_fingerprint(self.tokenizer))
+        val = ShardedTokens(path, "val")
+        self.train_windows = ShardWindows(train, max_length)
+        self.val_windows = ShardWindows(val, max_length) if val.n_tokens >= 2 else None
+        if len(self.train_windows) == 0:
+            raise DataError(f"{path}: the training shards hold fewer than 2 tokens.")
+        log.info("data: %s (%s train tokens in %d shard(s), %s val tokens); sampling %s%s", path,
+                 f"{train.n_tokens:,}", len(train.shards), f"{val.n_tokens:,}", self.sampling,
+                 ", BOS-aligned" if bos_aligned else "")
+        return self
+
+    @property
+    def sampling(self) -> str:
+        if self.config.sampling != "auto":
+            return self.config.sampling
+        return "random" if self.config.path else "shuffle"
+
+    def make_loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        """The training loader (state_dict/load_state_dict resume exactly)."""
+        if self.sampling == "shuffle":
+            return WindowLoader(self.train_windows, batch_size, seed=seed)
+        from .data.shards import ShardLoader
+
+        return ShardLoader(self.train_windows.data, self.max_length, batch_size, seed=seed, mode=self.sampling,
+                           bos_aligned=self.config.bos_aligned, rank=rank, world_size=world_size)
+
+    @classmethod
     def from_config(cls, config: DataConfig) -> "psannLMDataPrep":
+        if config.path:
+            return cls.from_built(config.path, config.max_length, sampling=config.sampling,
+                                  bos_aligned=config.bos_aligned, seed=config.seed)
         if not config.train_files:
             raise ConfigError("'data.train_files' is empty: list at least one text file to train on.")
         return cls(config.train_files, config.tokenizer, config.tokenizer_model_path, config.max_length,
@@ -127,7 +167,8 @@ class psannLM:
                             "tokenizer (tokenizer_model_path=<checkpoint>/tokenizer).")
         self.run_config = RunConfig(model=self.model_config, data=dp.config, train=train_cfg,
                                     generate=self.generate_config)
-        trainer = Trainer(self.model, self.tokenizer, self.run_config, dp.train_windows, dp.val_windows)
+        trainer = Trainer(self.model, self.tokenizer, self.run_config, dp.train_windows, dp.val_windows,
+                          make_loader=dp.make_loader)
         self.last_run = trainer.fit()
         return self
 

@@ -238,6 +238,22 @@ class DataConfig(_Validated):
     val_split: float = _opt(0.1, "Fraction of documents held out for validation (by seed; a single document is split at its tail).", min=0.0, max=0.9)
     seed: int = _opt(1337, "Seed for the train/validation split.")
     cache_dir: str | None = _opt(None, "Where token memmaps of file corpora are written (default: a temporary directory).")
+    path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
+    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path. random and sequential need data.path.", choices=("auto", "shuffle", "random", "sequential"))
+    bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs data.path and sampling random or sequential).")
+
+    def check(self) -> None:
+        if self.path is not None:
+            clash = [k for k in ("train_files", "val_files", "tokenizer_model_path", "tokenizer_vocab_size", "doc_separator")
+                     if getattr(self, k)] + (["tokenizer"] if self.tokenizer != "auto" else [])
+            if clash:
+                raise ConfigError(f"'data.path' trains on a built dataset with its own tokenizer and split; remove "
+                                  f"{', '.join('data.' + k for k in clash)} (or drop data.path to train on text files).")
+        elif self.sampling in ("random", "sequential") or self.bos_aligned:
+            raise ConfigError("'data.sampling' random/sequential and 'data.bos_aligned' read built token shards: set "
+                              "data.path (make one with `psannlm data build`), or use sampling auto/shuffle.")
+        if self.bos_aligned and self.sampling == "shuffle":
+            raise ConfigError("'data.bos_aligned' works with sampling random or sequential, not shuffle.")
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")

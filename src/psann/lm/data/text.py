@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from pathlib import Path
@@ -12,6 +13,24 @@ from ..errors import DataError
 log = logging.getLogger("psann.lm")
 
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".csv", ".tsv", ".json", ".jsonl", ".raw")
+
+
+class CountingDecoder:
+    """Incremental UTF-8 decoding that replaces invalid bytes with U+FFFD and counts them."""
+
+    def __init__(self):
+        self.bad = 0
+        self.errors = f"psann_count_{id(self)}"  # a codec error handler of our own, usable by TextIOWrapper too
+
+        def handler(exc: UnicodeDecodeError):
+            self.bad += 1
+            return "\ufffd", exc.end
+
+        codecs.register_error(self.errors, handler)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=self.errors)
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        return self._decoder.decode(data, final)
 
 
 def read_text_file(path: str | os.PathLike) -> str:

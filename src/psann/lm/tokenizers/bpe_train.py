@@ -17,7 +17,6 @@ with the file size; the result does not depend on the number of workers.
 
 from __future__ import annotations
 
-import codecs
 import heapq
 import logging
 import multiprocessing as mp
@@ -30,6 +29,7 @@ from typing import Iterator, Sequence
 import regex
 from tqdm.auto import tqdm
 
+from ..data.text import CountingDecoder
 from ..errors import ConfigError, DataError
 
 log = logging.getLogger("psann.lm")
@@ -88,28 +88,10 @@ def _safe_cut(text: str, special_tokens: Sequence[str]) -> int:
     return len(text)
 
 
-class _CountingDecoder:
-    """Incremental UTF-8 decoder that replaces invalid bytes and counts them."""
-
-    def __init__(self):
-        self.bad = 0
-        name = f"psann_count_{id(self)}"
-
-        def handler(exc: UnicodeDecodeError):
-            self.bad += 1
-            return "\ufffd", exc.end
-
-        codecs.register_error(name, handler)
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=name)
-
-    def decode(self, data: bytes, final: bool = False) -> str:
-        return self._decoder.decode(data, final)
-
-
 def iter_blocks(path: Path, special_tokens: Sequence[str], block_chars: int | None = None) -> Iterator[str]:
     """Stream the file as text blocks that end at safe boundaries; warns about invalid UTF-8."""
     block_chars = block_chars or BLOCK_CHARS
-    decoder = _CountingDecoder()
+    decoder = CountingDecoder()
     carry = ""
     with open(path, "rb") as fh:
         while True:

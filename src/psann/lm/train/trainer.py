@@ -137,7 +137,8 @@ def new_run_dir(root: str = "runs") -> Path:
 
 class Trainer:
     def __init__(self, model: nn.Module, tokenizer, config: RunConfig, train_windows: TokenWindows,
-                 val_windows: TokenWindows | None = None):
+                 val_windows: TokenWindows | None = None, make_loader=None):
+        """`make_loader(batch_size, seed)` builds the training loader (default: shuffled windows)."""
         cfg = config.train
         if cfg.ddp == "on" or (cfg.ddp == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
             raise ConfigError("data-parallel training (train.ddp) is not part of this version yet; run one process "
@@ -150,7 +151,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_windows, self.val_windows = train_windows, (val_windows if val_windows and len(val_windows) else None)
         self.plan = plan_batches(cfg, train_windows.max_length, len(train_windows), self.device)
-        self.loader = WindowLoader(train_windows, self.plan.micro_batch_size, seed=cfg.seed)
+        make_loader = make_loader or (lambda batch_size, seed: WindowLoader(train_windows, batch_size, seed=seed))
+        self.loader = make_loader(self.plan.micro_batch_size, cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
