@@ -12,8 +12,9 @@ pytest.importorskip("tiktoken")
 from psann.lm.data.demo_corpus import generate_stories  # noqa: E402
 from psann.lm.errors import DataError  # noqa: E402
 from psann.lm.tokenizers.base import META_FILE  # noqa: E402
-from psann.lm.tokenizers.bpe import BPETokenizer, bytes_to_unicode, str_to_token, token_to_str  # noqa: E402
+from psann.lm.tokenizers.bpe import BPETokenizer  # noqa: E402
 from psann.lm.tokenizers.bpe_train import train_bpe  # noqa: E402
+from psann.lm.tokenizers.gpt2_bytes import bytes_to_unicode, str_to_token, token_to_str  # noqa: E402
 
 EOT = "<|endoftext|>"
 EXTRA = "<|endoftext|><|endoftext|>"

@@ -19,7 +19,6 @@ import errno
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
+from ..workers import process_context
 from .filters import FILTER_ORDER, DedupState, FeatureExtractor, FilterConfig, eval_ngrams
 from .sources import SourceStats, iter_documents_from, resolve_inputs, resolve_separator
 from .tokens import token_dtype
@@ -166,8 +166,7 @@ def _prepare_out(cfg: BuildConfig, key: str) -> dict | None:
                             f"same command, pass --overwrite to start again, or choose another --out.")
         return state
     if cfg.overwrite:
-        for old in list(out.glob("*.bin")) + list(out.glob("*.docs.npy")) + list(out.glob("*.npy")) + [state_path,
-                                                                                                      out / INDEX_FILE]:
+        for old in [*out.glob("*.bin"), *out.glob("*.npy"), state_path, out / INDEX_FILE]:  # .npy covers .docs.npy
             old.unlink(missing_ok=True)
     return None
 
@@ -215,8 +214,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
     init_args = (str(out / "tokenizer"), cfg.filters, contamination)
     pool = None
     if cfg.workers > 1:
-        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
-            cfg.workers, _init_worker, init_args)
+        pool = process_context().Pool(cfg.workers, _init_worker, init_args)
         results = pool.imap(_process, tasks)
     else:
         _init_worker(*init_args)
@@ -249,16 +247,12 @@ def build_dataset(cfg: BuildConfig) -> dict:
                 shards[split].append(writer.close())
             else:
                 writer.discard()
-    except OSError as exc:
+    except BaseException as exc:
         for writer in writers.values():
             writer.discard()
-        if exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise DataError(f"disk full while writing to {out}; the finished shards are kept. Free some space and "
                             f"rerun the same command to resume.") from None
-        raise
-    except BaseException:
-        for writer in writers.values():
-            writer.discard()
         raise
     finally:
         bar.close()
@@ -266,6 +260,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
             pool.terminate()
 
     kept = {s: sum(x["documents"] for x in shards[s]) for s in shards}
+    applied = cfg.filters.applied()
     if kept["train"] == 0:
         raise DataError(f"no training documents survived: {stats.documents} read, removed {removed}; "
                         f"relax the filters or check the inputs.")
@@ -279,7 +274,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
                       "kept": kept, "invalid_utf8_replaced": stats.invalid_utf8},
         "sources": [str(f) for f in files] + ([f"hf:{cfg.hf_dataset}:{cfg.hf_split}"] if cfg.hf_dataset else []),
         "separator": cfg.separator, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-        "filters": cfg.filters.applied(), "removed": {k: v for k, v in removed.items() if k in cfg.filters.applied()},
+        "filters": applied, "removed": {k: v for k, v in removed.items() if k in applied},
     }
     _atomic_json(out / INDEX_FILE, index)
     (out / STATE_FILE).unlink(missing_ok=True)

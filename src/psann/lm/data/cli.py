@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import DataError
 from .build import INDEX_FILE, BuildConfig, build_dataset
 from .filters import FilterConfig
 
@@ -52,12 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args) -> int:
     if args.data_command == "info":
-        index = json.loads((Path(args.path) / INDEX_FILE).read_text(encoding="utf-8")) if (
-            Path(args.path) / INDEX_FILE).is_file() else None
-        if index is None:
-            from ..errors import DataError
-
+        index_path = Path(args.path) / INDEX_FILE
+        if not index_path.is_file():
             raise DataError(f"{args.path} is not a built dataset (no {INDEX_FILE}).")
+        index = json.loads(index_path.read_text(encoding="utf-8"))
         summary = {k: v for k, v in index.items() if k != "shards"}
         summary["shards"] = {split: len(v) for split, v in index["shards"].items()}
         print(json.dumps(summary, indent=2))

@@ -79,8 +79,9 @@ def words(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
-def normalised_hash(text: str) -> bytes:
-    return hashlib.blake2b(" ".join(words(text)).encode("utf-8"), digest_size=8).digest()
+def normalised_hash(text_words: list[str]) -> bytes:
+    """Exact-dedup key of a document, from its `words`."""
+    return hashlib.blake2b(" ".join(text_words).encode("utf-8"), digest_size=8).digest()
 
 
 def _strings(value) -> Iterable[str]:
@@ -116,6 +117,14 @@ def eval_ngrams(paths: Iterable[str], n: int) -> frozenset[str]:
     return frozenset(grams)
 
 
+def _minhash_class():
+    try:
+        from datasketch import MinHash
+    except ImportError:
+        raise DataError("near-duplicate removal needs datasketch: pip install 'psann-lm[data]'") from None
+    return MinHash
+
+
 class FeatureExtractor:
     """Per-document work that needs no shared state: runs in worker processes."""
 
@@ -136,14 +145,11 @@ class FeatureExtractor:
         best = self._detector.detect(text.replace("\n", " "), model="lite", k=1)
         return bool(best) and best[0]["lang"] == "en" and best[0]["score"] >= self.cfg.english_threshold
 
-    def signature(self, text: str) -> np.ndarray:
+    def signature(self, w: list[str]) -> np.ndarray:
+        """MinHash signature of a document's word shingles, from its `words`."""
         if self._minhash is None:
-            try:
-                from datasketch import MinHash
-            except ImportError:
-                raise DataError("near-duplicate removal needs datasketch: pip install 'psann-lm[data]'") from None
-            self._minhash = MinHash
-        w, k = words(text), self.cfg.shingle_words
+            self._minhash = _minhash_class()
+        k = self.cfg.shingle_words
         shingles = {" ".join(w[i:i + k]).encode("utf-8") for i in range(max(1, len(w) - k + 1))}
         m = self._minhash(num_perm=self.cfg.num_perm, seed=1, scheme=MINHASH_SCHEME)
         m.update_batch(shingles)
@@ -160,12 +166,15 @@ class FeatureExtractor:
             return "ascii_only", None, None
         if cfg.english and not self._is_english(text):
             return "english", None, None
+        if not (self.contamination or cfg.exact_dedup or cfg.near_dedup):
+            return None, None, None
+        w = words(text)  # normalised once for all three word-level checks
         if self.contamination:
-            w, n = words(text), cfg.ngram
+            n = cfg.ngram
             if any(" ".join(w[i:i + n]) in self.contamination for i in range(len(w) - n + 1)):
                 return "decontaminate", None, None
-        return (None, normalised_hash(text) if cfg.exact_dedup else None,
-                self.signature(text) if cfg.near_dedup else None)
+        return (None, normalised_hash(w) if cfg.exact_dedup else None,
+                self.signature(w) if cfg.near_dedup else None)
 
 
 class DedupState:
@@ -174,21 +183,19 @@ class DedupState:
     def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
         self.exact: set[bytes] = set()
-        self.lsh = None
+        self.lsh = self._minhash = None
         if cfg.near_dedup:
+            self._minhash = _minhash_class()  # first: a clear error when datasketch is missing
             from datasketch import MinHashLSH
 
             self.lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.num_perm)
 
     def check(self, key: int, exact: bytes | None, signature: np.ndarray | None) -> str | None:
         """The filter that removes this document, or None (and it is remembered as kept)."""
-        if exact is not None:
-            if exact in self.exact:
-                return "exact_dedup"
+        if exact is not None and exact in self.exact:
+            return "exact_dedup"
         if signature is not None:
-            from datasketch import MinHash
-
-            m = MinHash(num_perm=self.cfg.num_perm, seed=1, hashvalues=signature, scheme=MINHASH_SCHEME)
+            m = self._minhash(num_perm=self.cfg.num_perm, seed=1, hashvalues=signature, scheme=MINHASH_SCHEME)
             if self.lsh.query(m):
                 return "near_dedup"
             self.lsh.insert(key, m)

@@ -45,14 +45,20 @@ class TokenWindows:
         return int((self.ends - self.starts - 1).sum())
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        L = self.max_length
-        x = torch.full((len(indices), L), self.pad_id, dtype=torch.long)
-        y = torch.full((len(indices), L), IGNORE_INDEX, dtype=torch.long)
-        for row, i in enumerate(indices):
-            w = torch.from_numpy(self.corpus.tokens[self.starts[i]:self.ends[i]].astype(np.int64))
-            x[row, :len(w) - 1] = w[:-1]
-            y[row, :len(w) - 1] = w[1:]
-        return x, y
+        return windows_to_batch([self.corpus.tokens[self.starts[i]:self.ends[i]] for i in indices],
+                                self.max_length, self.pad_id)
+
+
+def windows_to_batch(windows: list[np.ndarray], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of up to max_length + 1 tokens -> (x, y): y is x shifted by one; a short window's
+    padded targets are IGNORE_INDEX."""
+    x = torch.full((len(windows), max_length), pad_id, dtype=torch.long)
+    y = torch.full((len(windows), max_length), IGNORE_INDEX, dtype=torch.long)
+    for row, window in enumerate(windows):
+        w = torch.from_numpy(np.asarray(window, dtype=np.int64))
+        x[row, :len(w) - 1] = w[:-1]
+        y[row, :len(w) - 1] = w[1:]
+    return x, y
 
 
 class WindowLoader:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError, DataError
 from .build import FORMAT, INDEX_FILE
+from .loader import windows_to_batch
 
 LOADER_MODES = ("random", "sequential")
 
@@ -92,17 +93,9 @@ class ShardWindows:
         return max(0, self.data.n_tokens - 1)
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        from .loader import IGNORE_INDEX
-
         L = self.max_length
-        x = torch.zeros((len(indices), L), dtype=torch.long)
-        y = torch.full((len(indices), L), IGNORE_INDEX, dtype=torch.long)
-        for row, i in enumerate(indices):
-            start = int(i) * L
-            w = torch.from_numpy(self.data.read(start, min(start + L + 1, self.data.n_tokens)))
-            x[row, :len(w) - 1] = w[:-1]
-            y[row, :len(w) - 1] = w[1:]
-        return x, y
+        starts = [int(i) * L for i in indices]
+        return windows_to_batch([self.data.read(s, min(s + L + 1, self.data.n_tokens)) for s in starts], L, pad_id=0)
 
 
 class ShardLoader:

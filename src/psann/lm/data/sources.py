@@ -12,7 +12,7 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
@@ -30,7 +30,6 @@ class SourceStats:
     documents: int = 0
     empty_documents: int = 0
     invalid_utf8: int = 0
-    per_source: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_separator(separator: str | None) -> str | None:
@@ -195,5 +194,4 @@ def iter_documents_from(files: Sequence[Path], *, separator: str | None = None, 
                 stats.empty_documents += 1
                 continue
             stats.documents += 1
-            stats.per_source[name] = stats.per_source.get(name, 0) + 1
             yield name, doc

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sources import SourceStats, iter_file_documents, resolve_inputs, resolve_separator
+from .sources import iter_documents_from, resolve_inputs, resolve_separator
 
 
 class StreamingLMDataset(torch.utils.data.IterableDataset):
@@ -29,14 +29,10 @@ class StreamingLMDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         span, buffer = self.max_length + 1, np.zeros(0, dtype=np.int64)
-        stats = SourceStats()
-        for path in self._my_files():
-            for doc in iter_file_documents(path, self.separator, self.text_key, stats):
-                if not doc.strip():
-                    continue
-                ids = np.asarray(self.tokenizer.encode(doc.strip(), add_bos=True, add_eos=True), dtype=np.int64)
-                buffer = np.concatenate([buffer, ids])
-                while buffer.shape[0] >= span:
-                    window = torch.from_numpy(buffer[:span].copy())
-                    buffer = buffer[span - 1:]  # windows overlap by one token: every token is a target once
-                    yield window[:-1], window[1:]
+        for _, doc in iter_documents_from(self._my_files(), separator=self.separator, text_key=self.text_key):
+            ids = np.asarray(self.tokenizer.encode(doc, add_bos=True, add_eos=True), dtype=np.int64)
+            buffer = np.concatenate([buffer, ids])
+            while buffer.shape[0] >= span:
+                window = torch.from_numpy(buffer[:span].copy())
+                buffer = buffer[span - 1:]  # windows overlap by one token: every token is a target once
+                yield window[:-1], window[1:]

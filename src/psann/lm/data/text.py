@@ -42,14 +42,12 @@ def read_text_file(path: str | os.PathLike) -> str:
         raise DataError(f"expected a text file but {path} is a directory; list the files inside it instead "
                         f"(e.g. {path}/*.txt).")
     raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        bad = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+    decoder = CountingDecoder()
+    text = decoder.decode(raw, final=True)
+    if decoder.bad:
         log.warning("%s: %d invalid UTF-8 byte sequence(s) replaced with U+FFFD (first at byte %d); "
-                    "re-encode the file as UTF-8 to keep those characters.", path, bad, _first_bad_byte(raw))
-        return text
+                    "re-encode the file as UTF-8 to keep those characters.", path, decoder.bad, _first_bad_byte(raw))
+    return text
 
 
 def _first_bad_byte(raw: bytes) -> int:

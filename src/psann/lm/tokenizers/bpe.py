@@ -33,6 +33,7 @@ import regex
 from ..errors import CheckpointError, DataError
 from .base import Tokenizer, check_against_meta, read_meta, require_file
 from .bpe_train import GPT2_PATTERN, train_bpe
+from .gpt2_bytes import str_to_token, token_to_str
 
 DEFAULT_VOCAB_SIZE = 8000
 TRAIN_SPECIALS = ("<|endoftext|>", "<|bos|>", "<|pad|>")  # eos, bos, pad
@@ -51,43 +52,6 @@ _CANDIDATES = {
     "pad": ["<|pad|>", "<pad>", "<|padding|>", "[PAD]"],
 }
 _ADDED_NAMES = {"eos": "<|eos|>", "bos": "<|bos|>", "pad": "<|pad|>"}
-
-
-# ----- GPT-2's printable byte <-> unicode table ------------------------------------------
-def bytes_to_unicode() -> dict[int, str]:
-    """Byte value -> one printable character, as in GPT-2's vocab/merges files.
-
-    Printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves; the other 68
-    bytes (controls, space, ...) take characters from U+0100 upwards, in byte order.
-    """
-    keep = set(range(ord("!"), ord("~") + 1))
-    keep |= set(range(ord("¡"), ord("¬") + 1))
-    keep |= set(range(ord("®"), ord("ÿ") + 1))
-    table: dict[int, str] = {}
-    extra = 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_BYTE_TO_CHAR = bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-
-def token_to_str(token: bytes) -> str:
-    return "".join(_BYTE_TO_CHAR[b] for b in token)
-
-
-def str_to_token(text: str) -> bytes | None:
-    """Inverse of :func:`token_to_str`; None when ``text`` has a character outside the table."""
-    try:
-        return bytes(_CHAR_TO_BYTE[c] for c in text)
-    except KeyError:
-        return None
 
 
 def _clean_text(text: str) -> str:

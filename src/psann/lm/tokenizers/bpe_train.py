@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import multiprocessing as mp
 import os
 from collections import Counter, defaultdict
 from operator import add
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..data.text import CountingDecoder
 from ..errors import ConfigError, DataError
+from ..workers import process_context
 
 log = logging.getLogger("psann.lm")
 
@@ -194,13 +194,6 @@ def bpe_merges(word_counts: dict[bytes, int], n_merges: int, first_id: int,
     return merges
 
 
-def _process_context():
-    """fork where the platform has it: workers start in milliseconds and callers need no
-    ``if __name__ == "__main__"`` guard (the workers only run the regex, never torch)."""
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else "spawn")
-
-
 def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
               special_tokens: Sequence[str] = (), *, pattern: str = GPT2_PATTERN, num_workers: int | None = None,
               progress: bool = True) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
@@ -222,7 +215,7 @@ def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab
     tasks = ((block, pattern, tuple(special_tokens)) for path in paths for block in iter_blocks(path, special_tokens))
     word_counts: Counter = Counter()
     if workers > 1:
-        with _process_context().Pool(workers) as pool:
+        with process_context().Pool(workers) as pool:
             for counts in pool.imap(_count_block, tasks):
                 word_counts.update(counts)
     else:
