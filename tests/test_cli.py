@@ -72,7 +72,7 @@ def test_print_config_and_errors():
     assert bad.returncode == 2 and "unknown key 'train.learning_rate'" in bad.stderr
     missing = run("-m", "psann.cli", "generate", "--ckpt", "no/such/dir", "--prompt", "x", check=False)
     assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
-    bad_arg = run("-m", "psann.cli", "train", "--lr", "1", check=False)
+    bad_arg = run("-m", "psann.cli", "train", "--learning-rate", "1", check=False)
     assert bad_arg.returncode == 2 and "--train.lr=3e-4" in bad_arg.stderr
 
 

@@ -147,6 +147,35 @@ def test_interrupted_build_resumes_to_the_same_result(tmp_path, tok_dir, monkeyp
         _build(tmp_path, [tmp_path / "in.txt"], tok_dir, name="cut", **kw)
 
 
+def test_disk_full_keeps_finished_shards_and_resumes(tmp_path, tok_dir, monkeypatch):
+    import errno
+
+    (tmp_path / "in.txt").write_text("\n\n".join(generate_stories(200, seed=5)), encoding="utf-8")
+    kw = dict(separator="blank", shard_tokens=3000, batch_docs=8)
+    whole, _ = _build(tmp_path, [tmp_path / "in.txt"], tok_dir, name="whole", **kw)
+    adds = []
+    real_add = ShardWriter.add
+
+    def add_until_full(self, ids):
+        adds.append(1)
+        if len(adds) == 120:  # past the first finished shard, in the middle of another
+            self.fh.write(ids.tobytes()[:7])  # a partial write, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, ids)
+
+    monkeypatch.setattr(ShardWriter, "add", add_until_full)
+    with pytest.raises(DataError, match="disk full .* finished shards are kept"):
+        _build(tmp_path, [tmp_path / "in.txt"], tok_dir, name="full", **kw)
+    monkeypatch.setattr(ShardWriter, "add", real_add)
+    full = tmp_path / "full"
+    assert not list(full.glob("*.tmp")) and not (full / INDEX_FILE).exists()
+    finished = json.loads((full / STATE_FILE).read_text())["shards"]["train"]
+    assert finished and all((full / s["file"]).stat().st_size == 2 * s["tokens"] for s in finished)
+    resumed, _ = _build(tmp_path, [tmp_path / "in.txt"], tok_dir, name="full", **kw)
+    assert resumed["shards"] == whole["shards"]
+    assert _decode_docs(full) == _decode_docs(tmp_path / "whole")
+
+
 def test_bad_input_is_named(tmp_path, tok_dir):
     with pytest.raises(DataError, match=r"2 input\(s\) missing.*nope1.*nope2"):
         resolve_inputs([str(tmp_path / "nope1.txt"), str(tmp_path / "nope2.txt")])
@@ -185,23 +214,32 @@ def test_loader_resumes_exactly(tmp_path, tok_dir, mode, aligned):
         ShardLoader(data, 32, 4, seed=4, mode=mode, bos_aligned=aligned).load_state_dict(a.state_dict())
 
 
-def test_sequential_rank_splits_are_disjoint_and_complete(tmp_path, tok_dir):
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_rank_splits_are_disjoint_complete_and_world_size_free(tmp_path, tok_dir, mode):
     data = _shards(tmp_path, tok_dir)
     world, B, L = 3, 2, 32
-    loaders = [ShardLoader(data, L, B, mode="sequential", rank=r, world_size=world) for r in range(world)]
-    per_rank = loaders[0].n_windows // world
-    seen = []
-    for loader in loaders:
-        starts = []
-        for _ in range(per_rank // B):
-            starts += loader._window_starts().tolist()
-            loader.batches += 1
-        seen.append(set(starts))
-    assert all(not (seen[i] & seen[j]) for i in range(world) for j in range(i + 1, world))
-    expected = {k * L for k in range(per_rank // B * B * world)}
-    assert set().union(*seen) == expected
-    r = [ShardLoader(data, L, B, mode="random", seed=1, rank=i, world_size=2)._window_starts() for i in range(2)]
-    assert not set(r[0].tolist()) & set(r[1].tolist())
+    ranks = [ShardLoader(data, L, B, mode=mode, seed=1, rank=r, world_size=world) for r in range(world)]
+    single = ShardLoader(data, L, B * world, mode=mode, seed=1)
+    steps = data.n_tokens // L // (B * world)  # one epoch of sequential windows
+    seen = [[] for _ in range(world)]
+    for _ in range(steps):
+        for r, loader in enumerate(ranks):
+            seen[r] += loader._window_starts().tolist()
+        rows = [loader.next_batch()[0] for loader in ranks]
+        assert torch.equal(torch.cat(rows), single.next_batch()[0])  # the same global batch, split
+    if mode == "sequential":
+        starts = [set(s) for s in seen]
+        assert all(not (starts[i] & starts[j]) for i in range(world) for j in range(i + 1, world))
+        assert sum(map(len, starts)) == steps * B * world
+    # resuming under another world size continues the same global stream
+    two = [ShardLoader(data, L, B * world // 2 if world % 2 == 0 else B, mode=mode, seed=1, rank=r, world_size=2)
+           for r in range(2)]
+    state = single.state_dict()
+    for loader in two:
+        loader.load_state_dict(state)
+    x_single = single.next_batch()[0]
+    two_rows = torch.cat([loader.next_batch()[0] for loader in two])
+    assert torch.equal(two_rows, x_single[:len(two_rows)])
 
 
 def test_get_batch(tmp_path):
@@ -251,4 +289,4 @@ def test_training_on_a_built_dataset_resumes_exactly(tmp_path, tok_dir):
     b = load_file(tmp_path / "b/checkpoints/final/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "b/checkpoints/final/trainer_state.json").read_text())
-    assert state["loader"]["kind"] == "shards" and state["loader"]["batches"] == 6
+    assert state["loader"]["kind"] == "shards" and state["loader"]["consumed"] == 6 * 4

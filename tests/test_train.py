@@ -63,6 +63,35 @@ def test_grad_accumulation_matches_one_big_batch(dp, tmp_path):
     assert any(not torch.allclose(a[k], build_model(tiny_model_config(dp)).state_dict()[k]) for k in a)
 
 
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(dp, tmp_path, caplog):
+    finals = []
+    for name, micro in (("auto", 8), ("small", 2)):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config(dp))
+        full_forward = model.forward
+
+        def forward(x, **kw):
+            if x.shape[0] > 2:  # what a too-large micro-batch does on a GPU
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return full_forward(x, **kw)
+
+        model.forward = forward
+        train = TrainConfig(**FAST, max_steps=3, batch_tokens=128, lr=3e-3, warmup_steps=0, micro_batch_size=micro,
+                            checkpoint_dir=str(tmp_path / name))
+        trainer = Trainer(model, dp.tokenizer, RunConfig(data=dp.config, train=train), dp.train_windows)
+        trainer.fit()
+        assert (trainer.plan.micro_batch_size, trainer.plan.grad_accum_steps) == (2, 4)
+        finals.append(weights(tmp_path / name / "checkpoints" / "final"))
+    assert "retrying with 4 x 2" in caplog.text and "retrying with 2 x 4" in caplog.text
+    assert all(torch.allclose(finals[0][k], finals[1][k], atol=1e-6) for k in finals[0])
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        model = build_model(tiny_model_config(dp))
+        model.forward = forward
+        train = TrainConfig(**FAST, max_steps=1, batch_tokens=128, micro_batch_size=8, auto_micro_batch=False,
+                            checkpoint_dir=str(tmp_path / "off"))
+        Trainer(model, dp.tokenizer, RunConfig(data=dp.config, train=train), dp.train_windows).fit()
+
+
 def tiny_model_config(dp):
     return ModelConfig(**TINY, vocab_size=dp.vocab_size, max_seq_len=16)
 
@@ -160,10 +189,14 @@ class _Evil:
 def test_loading_never_unpickles_code(dp, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     final = _tiny_checkpoint(dp, tmp_path)
-    with open(final / "optimizer.pt", "wb") as fh:
-        pickle.dump({"optimizer": _Evil()}, fh)
+    for name in ("optimizer.pt", "rng.pt"):
+        with open(final / name, "wb") as fh:
+            pickle.dump({"state": _Evil()}, fh)
     with pytest.raises(CheckpointError):
         ckpt.load_training_state(final)
+    model, _, _ = ckpt.load_checkpoint(final)
+    with pytest.raises(CheckpointError):
+        ckpt.load_model_and_optimizer(final, model, torch.optim.AdamW(model.parameters()), sharded_model=False)
     assert not (tmp_path / "pwned_marker").exists()
 
 
@@ -203,7 +236,12 @@ def test_label_smoothing_and_eval_batches_are_honoured(dp, tmp_path):
     assert capped.last_run["val_tokens"] < full.last_run["val_tokens"]
 
 
-def test_distributed_request_is_an_error_not_ignored(dp, tmp_path):
-    with pytest.raises(ConfigError, match="ddp"):
-        psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path), max_steps=1, batch_tokens=64, **{**FAST, "device": "cpu"},
-                            ddp="on")
+def test_parallel_settings_are_checked(dp, tmp_path, monkeypatch):
+    kw = dict(checkpoint_dir=str(tmp_path), max_steps=1, batch_tokens=64, **{**FAST, "device": "cpu"})
+    with pytest.raises(ConfigError, match="needs DDP"):
+        psannLM(**TINY).fit(dp, optimizer="zero_adamw", **kw)
+    with pytest.raises(ConfigError, match="applies to FSDP only"):
+        psannLM(**TINY).fit(dp, fsdp_cpu_offload=True, **kw)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="launch with torchrun"):
+        psannLM(**TINY).fit(dp, **kw)

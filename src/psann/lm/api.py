@@ -104,7 +104,7 @@ class psannLMDataPrep:
     def make_loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         """The training loader (state_dict/load_state_dict resume exactly)."""
         if self.sampling == "shuffle":
-            return WindowLoader(self.train_windows, batch_size, seed=seed)
+            return WindowLoader(self.train_windows, batch_size, seed=seed, rank=rank, world_size=world_size)
         from .data.shards import ShardLoader
 
         return ShardLoader(self.train_windows.data, self.max_length, batch_size, seed=seed, mode=self.sampling,
@@ -170,6 +170,8 @@ class psannLM:
         trainer = Trainer(self.model, self.tokenizer, self.run_config, dp.train_windows, dp.val_windows,
                           make_loader=dp.make_loader)
         self.last_run = trainer.fit()
+        if trainer.mode == "fsdp":  # the shards went with the process group: reload the consolidated weights
+            self.model = ckpt.load_checkpoint(self.last_run["final_checkpoint"], trainer.device)[0]
         return self
 
     def _build(self, tokenizer, max_length: int, seed: int) -> None:

@@ -149,9 +149,12 @@ class FeatureExtractor:
         """MinHash signature of a document's word shingles, from its `words`."""
         if self._minhash is None:
             self._minhash = _minhash_class()
+            # The permutations depend only on (num_perm, seed); drawing them once instead of per
+            # document makes signatures ~2x faster.
+            self._permutations = self._minhash(num_perm=self.cfg.num_perm, seed=1, scheme=MINHASH_SCHEME).permutations
         k = self.cfg.shingle_words
         shingles = {" ".join(w[i:i + k]).encode("utf-8") for i in range(max(1, len(w) - k + 1))}
-        m = self._minhash(num_perm=self.cfg.num_perm, seed=1, scheme=MINHASH_SCHEME)
+        m = self._minhash(num_perm=self.cfg.num_perm, seed=1, scheme=MINHASH_SCHEME, permutations=self._permutations)
         m.update_batch(shingles)
         return m.hashvalues
 
@@ -188,6 +191,8 @@ class DedupState:
             self._minhash = _minhash_class()  # first: a clear error when datasketch is missing
             from datasketch import MinHashLSH
 
+            self._permutations = self._minhash(num_perm=cfg.num_perm, seed=1, scheme=MINHASH_SCHEME).permutations
+
             self.lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.num_perm)
 
     def check(self, key: int, exact: bytes | None, signature: np.ndarray | None) -> str | None:
@@ -195,7 +200,8 @@ class DedupState:
         if exact is not None and exact in self.exact:
             return "exact_dedup"
         if signature is not None:
-            m = self._minhash(num_perm=self.cfg.num_perm, seed=1, hashvalues=signature, scheme=MINHASH_SCHEME)
+            m = self._minhash(num_perm=self.cfg.num_perm, seed=1, hashvalues=signature, scheme=MINHASH_SCHEME,
+                              permutations=self._permutations)
             if self.lsh.query(m):
                 return "near_dedup"
             self.lsh.insert(key, m)

@@ -64,14 +64,20 @@ def windows_to_batch(windows: list[np.ndarray], max_length: int, pad_id: int) ->
 class WindowLoader:
     """Endless batches of windows: a fresh seeded permutation per epoch, batches may span epochs.
 
-    The whole state is one integer (windows consumed), so resuming costs one permutation, never
-    a replay of skipped batches.
+    Data parallel: every call consumes one global batch of batch_size x world_size windows from
+    the shared stream and returns this rank's slice, so the data a step sees does not depend on
+    how it is split. The whole state is one integer (windows consumed globally): resuming costs
+    one permutation, never a replay, and works under another world size or micro-batch size.
     """
 
-    def __init__(self, windows: TokenWindows, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, windows: TokenWindows, batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
         if len(windows) == 0:
             raise ValueError("WindowLoader needs at least one window")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.windows, self.batch_size, self.seed, self.shuffle = windows, batch_size, seed, shuffle
+        self.rank, self.world = rank, world_size
         self.consumed = 0
         self._perm_epoch, self._perm = -1, None
 
@@ -88,14 +94,11 @@ class WindowLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.windows)
-        picked, count = [], 0
-        while count < self.batch_size:
-            epoch, offset = divmod(self.consumed, n)
-            take = min(self.batch_size - count, n - offset)
-            picked.append(self._order(epoch)[offset:offset + take])
-            self.consumed += take
-            count += take
-        return self.windows.batch(np.concatenate(picked))
+        ordinals = self.consumed + self.rank * self.batch_size + np.arange(self.batch_size)
+        self.consumed += self.batch_size * self.world
+        epochs, offsets = np.divmod(ordinals, n)
+        picked = np.concatenate([self._order(int(e))[offsets[epochs == e]] for e in np.unique(epochs)])
+        return self.windows.batch(picked)
 
     def __iter__(self):
         while True:

@@ -2,7 +2,7 @@
 a resumable loader (random or sequential, optionally BOS-aligned, split across ranks), and the
 classic `get_batch`.
 
-Memmaps are opened per read and dropped at once: a long-lived memmap keeps every page it has
+Memmaps are opened per batch and dropped at once: a long-lived memmap keeps every page it has
 touched in the process's RSS, so streaming a billion tokens through one would grow memory by the
 size of the data.
 """
@@ -54,20 +54,26 @@ class ShardedTokens:
     def bos_id(self) -> int:
         return int(self.index["bos_id"])
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int, _maps: dict | None = None) -> np.ndarray:
         """Tokens [start, stop) of the stream as int64, across shard boundaries."""
         if not 0 <= start <= stop <= self.n_tokens:
             raise IndexError(f"token range [{start}, {stop}) outside 0..{self.n_tokens}")
+        maps = {} if _maps is None else _maps
         parts = []
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         for i in range(first, len(self.shards)):
             lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
             if lo >= stop:
                 break
-            mm = np.memmap(self.directory / self.shards[i]["file"], dtype=self.dtype, mode="r")
-            parts.append(np.array(mm[max(start, lo) - lo:min(stop, hi) - lo], dtype=np.int64))
-            del mm
+            if i not in maps:
+                maps[i] = np.memmap(self.directory / self.shards[i]["file"], dtype=self.dtype, mode="r")
+            parts.append(np.array(maps[i][max(start, lo) - lo:min(stop, hi) - lo], dtype=np.int64))
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def read_rows(self, starts, span: int) -> np.ndarray:
+        """Rows tokens[s:s+span] for each start, opening each shard once for the whole batch."""
+        maps: dict = {}  # dropped on return, with the pages it touched
+        return np.stack([self.read(int(s), int(s) + span, maps) for s in starts])
 
     def doc_starts(self) -> np.ndarray:
         """Global start of every document (each begins with BOS)."""
@@ -94,18 +100,25 @@ class ShardWindows:
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.max_length
-        starts = [int(i) * L for i in indices]
-        return windows_to_batch([self.data.read(s, min(s + L + 1, self.data.n_tokens)) for s in starts], L, pad_id=0)
+        maps: dict = {}
+        rows = [self.data.read(s, min(s + L + 1, self.data.n_tokens), maps) for s in (int(i) * L for i in indices)]
+        return windows_to_batch(rows, L, pad_id=0)
+
+
+RANDOM_BLOCK = 4096  # random window starts are drawn in seeded blocks of this many windows
 
 
 class ShardLoader:
     """Endless training batches (x, y) of `batch_size` windows from one rank's share.
 
-    random: window starts drawn uniformly (seeded by the batch number, so resuming needs no
-    replay); the batch of all ranks is drawn together and each rank takes its own slice.
-    sequential: packed windows in order; rank r takes windows r, r + world, ... . With
-    `bos_aligned`, windows start at document starts instead (a document longer than the window
-    is cut; a shorter one continues into the next). State: the number of batches drawn.
+    All ranks read one global stream of windows; each call consumes a global batch of
+    batch_size x world_size windows and returns this rank's slice, so the windows of a step do
+    not depend on how they are split across ranks or micro-batches.
+    random: window j of the stream starts at a uniformly drawn token (or document start, with
+    `bos_aligned`), drawn in seeded blocks, so any position is reached without replay.
+    sequential: packed windows in order, epoch after epoch (with `bos_aligned`, windows start at
+    document starts; a document longer than the window is cut, a shorter one runs into the next).
+    State: the number of windows consumed; resuming works under another world size too.
     """
 
     def __init__(self, data: ShardedTokens, max_length: int, batch_size: int, *, seed: int = 0,
@@ -127,32 +140,37 @@ class ShardLoader:
         else:
             self.starts = None
             self.n_windows = (data.n_tokens - 1) // max_length  # full packed windows
-        if self.n_windows < world_size:
-            raise DataError(f"only {self.n_windows} window(s) for {world_size} ranks; add data or lower max_length.")
-        self.batches = 0
+        self.consumed = 0
+        self._block, self._block_starts = -1, None
 
     @property
     def epoch(self) -> float:
-        return self.batches * self.batch_size * self.world / self.n_windows
+        return self.consumed / self.n_windows
+
+    def _random_starts(self, ordinals: np.ndarray) -> np.ndarray:
+        out = np.empty(len(ordinals), np.int64)
+        blocks, offsets = np.divmod(ordinals, RANDOM_BLOCK)
+        for block in np.unique(blocks):
+            if block != self._block:
+                rng = np.random.default_rng([self.seed, int(block)])
+                if self.bos_aligned:
+                    self._block_starts = self.starts[rng.integers(0, self.n_windows, size=RANDOM_BLOCK)]
+                else:
+                    self._block_starts = rng.integers(0, self.data.n_tokens - self.max_length, size=RANDOM_BLOCK)
+                self._block = int(block)
+            out[blocks == block] = self._block_starts[offsets[blocks == block]]
+        return out
 
     def _window_starts(self) -> np.ndarray:
-        B, W = self.batch_size, self.world
+        ordinals = self.consumed + self.rank * self.batch_size + np.arange(self.batch_size)
         if self.mode == "random":
-            rng = np.random.default_rng([self.seed, self.batches])
-            if self.bos_aligned:
-                picks = self.starts[rng.integers(0, self.n_windows, size=B * W)]
-            else:
-                picks = rng.integers(0, self.data.n_tokens - self.max_length, size=B * W)
-            return picks[self.rank * B:(self.rank + 1) * B]
-        per_rank = self.n_windows // W  # equal shares, so ranks stay in step; the remainder is dropped
-        k = (self.batches * B + np.arange(B)) % per_rank * W + self.rank
+            return self._random_starts(ordinals)
+        k = ordinals % self.n_windows
         return self.starts[k] if self.bos_aligned else k * self.max_length
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        span = self.max_length + 1
-        rows = [self.data.read(int(s), int(s) + span) for s in self._window_starts()]
-        self.batches += 1
-        batch = torch.from_numpy(np.stack(rows))
+        batch = torch.from_numpy(self.data.read_rows(self._window_starts(), self.max_length + 1))
+        self.consumed += self.batch_size * self.world
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def __iter__(self):
@@ -161,20 +179,15 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         return {"kind": "shards", "mode": self.mode, "bos_aligned": self.bos_aligned, "seed": self.seed,
-                "world_size": self.world, "batch_size": self.batch_size, "n_tokens": self.n_tokens,
-                "batches": self.batches}
-
-    @property
-    def n_tokens(self) -> int:
-        return self.data.n_tokens
+                "n_tokens": self.data.n_tokens, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("mode", "bos_aligned", "seed", "world_size", "batch_size", "n_tokens"):
-            if state.get(key) != getattr(self, {"world_size": "world"}.get(key, key)):
+        for key in ("mode", "bos_aligned", "seed", "n_tokens"):
+            mine = self.data.n_tokens if key == "n_tokens" else getattr(self, key)
+            if state.get(key) != mine:
                 raise CheckpointError(f"the checkpoint's data loader used {key}={state.get(key)!r}, this run "
-                                      f"{getattr(self, {'world_size': 'world'}.get(key, key))!r}; resume with the "
-                                      f"same data settings.")
-        self.batches = int(state["batches"])
+                                      f"{mine!r}; resume with the same data settings.")
+        self.consumed = int(state["consumed"])
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, context_length: int,

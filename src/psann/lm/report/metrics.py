@@ -10,7 +10,8 @@ from pathlib import Path
 
 log = logging.getLogger("psann.lm")
 
-CSV_FIELDS = ("kind", "step", "epoch", "tokens", "loss", "val_loss", "val_ppl", "lr", "grad_norm", "tok_per_s", "elapsed_s")
+CSV_FIELDS = ("kind", "step", "epoch", "tokens", "loss", "val_loss", "val_ppl", "lr", "grad_norm", "tok_per_s", "tflops_per_device", "mfu",
+              "peak_mem_gb", "elapsed_s")
 
 
 class MetricsLogger:

@@ -1,13 +1,18 @@
-"""AdamW with decay only on weight matrices, and the warmup + cosine learning-rate schedule."""
+"""Optimizers (AdamW, ZeRO-sharded AdamW, 8-bit AdamW, Adafactor) with decay only on weight
+matrices, and the warmup + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
+from ..errors import ConfigError
+
+log = logging.getLogger("psann.lm")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -37,9 +42,39 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             for (decay, lr_mult), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, parallel_mode: str = "none") -> torch.optim.Optimizer:
+    """`cfg.optimizer` over `parameter_groups`; a choice this machine cannot run falls back to
+    AdamW with a message that says why and what to install."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    choice = cfg.optimizer
+    if choice == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            bnb = None
+        if device.type == "cuda" and bnb is not None:
+            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
+        log.warning("train.optimizer=adamw8bit needs CUDA and bitsandbytes (pip install 'psann-lm[cuda]'); "
+                    "%s. Using AdamW.", "bitsandbytes is not installed" if bnb is None else f"this run is on {device.type}")
+        choice = "adamw"
+    if choice == "zero_adamw":
+        if parallel_mode != "ddp":
+            raise ConfigError("train.optimizer=zero_adamw shards AdamW state across DDP ranks; it needs DDP "
+                              "(torchrun with 2+ processes). FSDP already shards optimizer state: use adamw with train.fsdp.")
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        first, *rest = groups
+        zero = ZeroRedundancyOptimizer(first["params"], optimizer_class=torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas,
+                                       weight_decay=first["weight_decay"])
+        zero.param_groups[0]["lr_mult"] = first["lr_mult"]
+        for group in rest:
+            zero.add_param_group(group)
+        return zero
+    if choice == "adafactor":
+        # Factored second moments: O(rows + cols) state per matrix instead of AdamW's 2x params.
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
     fused = device.type == "cuda"  # the fused kernel exists for CUDA tensors only
-    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:

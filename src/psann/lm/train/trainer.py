@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,12 +19,15 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, TrainConfig, dump_config
 from ..data.loader import TokenWindows, WindowLoader
 from ..errors import ConfigError
-from ..eval.evaluate import evaluate_loss
+from ..eval.evaluate import evaluate_loss_sum
 from ..objectives import causal_lm_loss_sum
 from ..report.metrics import MetricsLogger, plot_loss_curve
 from . import checkpoint as ckpt
+from .distributed import all_gather_object, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed, teardown
 from .optim import build_optimizer, default_warmup, lr_at
-from .parallel import apply_activation_checkpointing, maybe_compile
+from .parallel import data_parallel_mode, no_grad_sync, parallelize, uncompile_blocks
+from .sharded import full_optimizer_state, save_fsdp_checkpoint
+from .throughput import flops_per_token, peak_memory_gb, peak_tflops
 
 log = logging.getLogger("psann.lm")
 CPU_MICRO_BATCH_TOKENS = 16384  # keeps CPU activations small without hurting matmul efficiency
@@ -80,25 +83,28 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 @dataclass
 class BatchPlan:
     max_length: int
-    windows_per_step: int
-    micro_batch_size: int
+    windows_per_step: int   # over all ranks
+    micro_batch_size: int   # windows per forward, per rank
     grad_accum_steps: int
     total_steps: int
     warmup_steps: int
     n_windows: int
+    world_size: int = 1
 
     @property
     def tokens_per_step(self) -> int:
         return self.windows_per_step * self.max_length
 
     def describe(self) -> str:
+        ranks = f" x {self.world_size} ranks" if self.world_size > 1 else ""
         return (f"batch: {self.tokens_per_step:,} tokens/step = {self.windows_per_step} windows x {self.max_length} "
-                f"(micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps); "
+                f"(micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps{ranks}); "
                 f"{self.total_steps:,} steps ({self.total_steps * self.windows_per_step / self.n_windows:.2f} epochs of "
                 f"{self.n_windows:,} windows), warmup {self.warmup_steps}")
 
 
-def plan_batches(cfg: TrainConfig, max_length: int, n_windows: int, device: torch.device) -> BatchPlan:
+def plan_batches(cfg: TrainConfig, max_length: int, n_windows: int, device: torch.device, world_size: int = 1) -> BatchPlan:
+    """Split batch_tokens into ranks x accumulation steps x micro-batches of windows."""
     windows = cfg.batch_tokens // max_length
     if windows < 1:
         raise ConfigError(f"'train.batch_tokens' ({cfg.batch_tokens}) is smaller than one window of "
@@ -108,19 +114,25 @@ def plan_batches(cfg: TrainConfig, max_length: int, n_windows: int, device: torc
                     "asks for; each step uses all %d. Add text for a meaningful run.",
                     n_windows, max_length, windows, cfg.batch_tokens, n_windows)
         windows = n_windows
+    if windows < world_size:
+        raise ConfigError(f"'train.batch_tokens' ({cfg.batch_tokens}) gives {windows} window(s) per step, fewer than the "
+                          f"{world_size} ranks; raise batch_tokens to at least {world_size * max_length}.")
+    per_rank = windows // world_size
+    if per_rank * world_size != windows:
+        log.info("batch: %d windows per step do not split over %d ranks; using %d.", windows, world_size, per_rank * world_size)
     if cfg.micro_batch_size is not None and cfg.grad_accum_steps is not None:
         micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
     elif cfg.grad_accum_steps is not None:
-        accum = min(cfg.grad_accum_steps, windows)
-        micro = windows // accum
+        accum = min(cfg.grad_accum_steps, per_rank)
+        micro = per_rank // accum
     else:
-        cap = cfg.micro_batch_size or (max(1, CPU_MICRO_BATCH_TOKENS // max_length) if device.type == "cpu" else windows)
-        accum = math.ceil(windows / min(cap, windows))
-        micro = math.ceil(windows / accum)  # spread evenly: 10 windows, cap 4 -> 3 x 4 (not 4+4+2)
-    if micro * accum != windows:
-        log.info("batch: %d windows per step do not split into %s; using %d x %d = %d windows.",
-                 windows, "grad_accum_steps" if cfg.grad_accum_steps else "micro-batches", micro, accum, micro * accum)
-    per_step = micro * accum
+        cap = cfg.micro_batch_size or (max(1, CPU_MICRO_BATCH_TOKENS // max_length) if device.type == "cpu" else per_rank)
+        accum = math.ceil(per_rank / min(cap, per_rank))
+        micro = math.ceil(per_rank / accum)  # spread evenly: 10 windows, cap 4 -> 3 x 4 (not 4+4+2)
+    if micro * accum != per_rank:
+        log.info("batch: %d windows per rank and step do not split into %s; using %d x %d = %d windows.",
+                 per_rank, "grad_accum_steps" if cfg.grad_accum_steps else "micro-batches", micro, accum, micro * accum)
+    per_step = micro * accum * world_size
     if cfg.max_steps is not None:
         total = cfg.max_steps
     elif cfg.max_tokens is not None:
@@ -128,7 +140,17 @@ def plan_batches(cfg: TrainConfig, max_length: int, n_windows: int, device: torc
     else:
         total = max(1, math.ceil(cfg.epochs * n_windows / per_step))
     warmup = default_warmup(total) if cfg.warmup_steps is None else cfg.warmup_steps
-    return BatchPlan(max_length, per_step, micro, accum, total, warmup, n_windows)
+    return BatchPlan(max_length, per_step, micro, accum, total, warmup, n_windows, world_size)
+
+
+def halve_micro_batch(plan: BatchPlan) -> BatchPlan | None:
+    """The same windows per step in micro-batches about half as large (None at 1): the largest
+    divisor of the per-rank windows not above half the current micro-batch."""
+    per_rank = plan.micro_batch_size * plan.grad_accum_steps
+    micro = next((m for m in range(plan.micro_batch_size // 2, 0, -1) if per_rank % m == 0), None)
+    if micro is None:
+        return None
+    return dataclasses.replace(plan, micro_batch_size=micro, grad_accum_steps=per_rank // micro)
 
 
 def new_run_dir(root: str = "runs") -> Path:
@@ -136,188 +158,285 @@ def new_run_dir(root: str = "runs") -> Path:
 
 
 class Trainer:
+    """One training run, in one process or as one rank of a torchrun job."""
+
     def __init__(self, model: nn.Module, tokenizer, config: RunConfig, train_windows: TokenWindows,
                  val_windows: TokenWindows | None = None, make_loader=None):
-        """`make_loader(batch_size, seed)` builds the training loader (default: shuffled windows)."""
+        """`make_loader(batch_size, seed, rank, world_size)` builds the training loader (default:
+        shuffled windows)."""
         cfg = config.train
-        if cfg.ddp == "on" or (cfg.ddp == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            raise ConfigError("data-parallel training (train.ddp) is not part of this version yet; run one process "
-                              "(plain python, not torchrun) with train.ddp=off or auto.")
         if len(train_windows) == 0:
             raise ConfigError("no training windows: the training text tokenised to fewer than 2 tokens.")
         self.config, self.cfg, self.tokenizer = config, cfg, tokenizer
-        self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        self.model = model.to(self.device)
+        device = resolve_device(cfg.device)
+        self.dist = init_distributed(device.type)
+        if self.dist.active and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+        self.device = device
+        self.amp_dtype = resolve_amp(cfg.amp, device)
+        mode = data_parallel_mode(cfg, self.dist.world_size)
+        if mode == "fsdp" and self.amp_dtype == torch.float16:
+            raise ConfigError("FSDP here runs in bf16 or fp32; fp16 needs a sharded loss scaler. Use train.amp=bf16 or fp32.")
+        self.model = model.to(device)
         self.train_windows, self.val_windows = train_windows, (val_windows if val_windows and len(val_windows) else None)
-        self.plan = plan_batches(cfg, train_windows.max_length, len(train_windows), self.device)
-        make_loader = make_loader or (lambda batch_size, seed: WindowLoader(train_windows, batch_size, seed=seed))
-        self.loader = make_loader(self.plan.micro_batch_size, cfg.seed)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.plan = plan_batches(cfg, train_windows.max_length, len(train_windows), device, self.dist.world_size)
+        make_loader = make_loader or (lambda batch_size, seed, rank, world_size: WindowLoader(
+            train_windows, batch_size, seed=seed, rank=rank, world_size=world_size))
+        self.loader = make_loader(self.plan.micro_batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
         self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
-        self.run_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-        if cfg.resume_from:
-            self._resume(cfg.resume_from)
-        elif cfg.init_from:
+        run_dir = cfg.checkpoint_dir or (str(new_run_dir()) if self.dist.is_main else None)
+        self.run_dir = Path(broadcast_object(run_dir, self.dist))
+        if cfg.init_from and not cfg.resume_from:
             ckpt.load_weights(self.model, cfg.init_from)
             log.info("initialised weights from %s", cfg.init_from)
-        if self.run_dir is None:
-            self.run_dir = new_run_dir()
-        if cfg.grad_checkpoint:
-            log.info("activation checkpointing on %d blocks", apply_activation_checkpointing(self.model))
-        self.forward = maybe_compile(self.model, cfg.compile)
+        # The weights were initialised identically on every rank; dropout and sampling now differ.
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        self.train_model, self.mode = parallelize(self.model, cfg, self.dist, device,
+                                                  self.amp_dtype if mode == "fsdp" else None)
+        # FSDP computes in bf16 through its mixed-precision policy; the others use autocast.
+        self.autocast_dtype = None if self.mode == "fsdp" else self.amp_dtype
+        self.optimizer = build_optimizer(self.model, cfg, device, self.mode)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        if cfg.resume_from:
+            self._resume(cfg.resume_from)
+        self.flops_per_token = flops_per_token(self.model, config.model, self.plan.max_length)
+        self.peak_tflops, self.peak_source = peak_tflops(device, self.amp_dtype, cfg.peak_tflops)
+        self._pending_save = None
 
     # -- setup -------------------------------------------------------------------------------
     def _resume(self, where: str) -> None:
         if where == "latest":
-            if self.run_dir is None:
+            if not self.cfg.checkpoint_dir:
                 raise ConfigError("train.resume_from=latest needs train.checkpoint_dir (the run directory) to look in.")
             where = str(ckpt.latest_checkpoint(self.run_dir))
-        state, opt_state = ckpt.load_training_state(where)
-        ckpt.load_weights(self.model, where)
-        self.optimizer.load_state_dict(opt_state["optimizer"])
-        self.scaler.load_state_dict(opt_state["scaler"])
-        torch.set_rng_state(opt_state["rng_cpu"])
-        if torch.cuda.is_available() and opt_state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(opt_state["rng_cuda"])
+        state, rng = ckpt.load_training_state(where)
+        ckpt.load_model_and_optimizer(where, self.model, self.optimizer, sharded_model=self.mode == "fsdp")
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if len(rng["cpu"]) == self.dist.world_size:
+            torch.set_rng_state(rng["cpu"][self.dist.rank])
+            if self.device.type == "cuda" and rng["cuda"][self.dist.rank] is not None:
+                torch.cuda.set_rng_state(rng["cuda"][self.dist.rank], self.device)
+        else:
+            log.info("resuming %d rank(s) from a checkpoint of %d: data order and weights continue exactly; dropout "
+                     "randomness starts afresh.", self.dist.world_size, len(rng["cpu"]))
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val = state.get("best_val_loss", math.inf)
-        if self.run_dir is None:
+        if not self.cfg.checkpoint_dir:
             self.run_dir = Path(where).resolve().parent.parent
         log.info("resumed from %s at step %d", where, self.step)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self.forward(x)
+            return self.train_model(x)
         except Exception as exc:  # compile errors surface at the first call, not at torch.compile()
-            if self.forward is self.model:
+            if not uncompile_blocks(self.model):
                 raise
             log.warning("torch.compile failed (%s: %s); training eagerly.", type(exc).__name__, str(exc).splitlines()[0][:200])
-            self.forward = self.model
-            return self.forward(x)
+            return self.train_model(x)
 
     def _autocast(self):
-        if self.amp_dtype is None:
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- one optimizer step ------------------------------------------------------------------
     def _train_step(self, lr: float) -> tuple[float, int, float]:
-        """-> (summed loss, target tokens, grad norm). The loss of the step is normalised by all
-        its target tokens, so accumulation gives the same update as one large batch."""
+        """-> (summed loss of this rank, target tokens of this rank, grad norm)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
+        start = self.loader.state_dict()
+        while True:
+            try:
+                return self._accumulate_and_step()
+            except torch.cuda.OutOfMemoryError:
+                smaller = halve_micro_batch(self.plan) if self.cfg.auto_micro_batch and not self.dist.active else None
+                if smaller is None:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                self.loader.load_state_dict(start)  # the same windows again, in smaller pieces
+                self.loader.batch_size = smaller.micro_batch_size
+                log.warning("out of GPU memory at micro-batch %d; retrying with %d x %d accumulation steps "
+                            "(batch_tokens unchanged). Set train.micro_batch_size=%d to start there.",
+                            self.plan.micro_batch_size, smaller.micro_batch_size, smaller.grad_accum_steps,
+                            smaller.micro_batch_size)
+                self.plan = smaller
+
+    def _accumulate_and_step(self) -> tuple[float, int, float]:
+        """The loss of a step is normalised by the target tokens of all its micro-batches on all
+        ranks, so any split (accumulation, ranks) gives the same update as one large batch."""
         batches = [self.loader.next_batch() for _ in range(self.plan.grad_accum_steps)]
-        n_targets = sum(int((y != -100).sum()) for _, y in batches)
+        n_local = sum(int((y != -100).sum()) for _, y in batches)
+        n_global = all_reduce_sum([n_local], self.dist, self.device)[0]
+        # DDP and FSDP average gradients over ranks; scale back up so the result is sum / n_global.
+        scale = self.dist.world_size / max(1.0, n_global)
         total = 0.0
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self._forward(x)
-            loss_sum, _ = causal_lm_loss_sum(logits, y, self.cfg.label_smoothing)
-            self.scaler.scale(loss_sum / max(1, n_targets)).backward()
+            with no_grad_sync(self.train_model, self.mode, last_micro_step=i == len(batches) - 1):
+                with self._autocast():
+                    logits = self._forward(x)
+                loss_sum, _ = causal_lm_loss_sum(logits, y, self.cfg.label_smoothing)
+                self.scaler.scale(loss_sum * scale).backward()
             total += float(loss_sum.detach())
         self.scaler.unscale_(self.optimizer)
-        if self.cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-        else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(total):
             log.warning("step %d: non-finite loss; try a lower train.lr%s.", self.step + 1,
-                        "" if self.amp_dtype != torch.float16 else " or amp=bf16")
+                        "" if self.autocast_dtype != torch.float16 else " or amp=bf16")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, n_targets, grad_norm
+        return total, n_local, grad_norm
 
     # -- evaluation and checkpoints --------------------------------------------------------------
     def evaluate(self) -> dict | None:
         if self.val_windows is None:
             return None
-        loss, n = evaluate_loss(self.model, self.val_windows, self.plan.micro_batch_size, self.device,
-                                self._autocast, self.cfg.eval_batches)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
+        eval_model = self.train_model if self.mode == "fsdp" else self.model  # FSDP must gather its shards
+        total, n = evaluate_loss_sum(eval_model, self.val_windows, self.plan.micro_batch_size, self.device,
+                                     self._autocast, self.cfg.eval_batches, self.dist.rank, self.dist.world_size)
+        total, n = all_reduce_sum([total, n], self.dist, self.device)
+        loss = total / max(1.0, n)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(n)}
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val,
+                "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() or None,
+                "world_size": self.dist.world_size, "parallel": self.mode}
+
+    def _rng_states(self) -> dict:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        states = all_gather_object((torch.get_rng_state(), cuda), self.dist)
+        return {"cpu": [c for c, _ in states], "cuda": [g for _, g in states]}
 
     def save(self, name: str, *, full: bool = True) -> Path:
-        state = opt_state = None
+        """Write checkpoints/<name> (all ranks call this). full=False writes weights only."""
+        self.finish_pending_save()
+        directory = self.run_dir / "checkpoints" / name
+        state = self._trainer_state() if full else None
+        rng = self._rng_states() if full else None
+        if self.mode == "fsdp":
+            weights_only_or_final = not full or name == "final"
+            self._pending_save = save_fsdp_checkpoint(
+                directory, self.model, self.optimizer if full else None, self.tokenizer, self.config, self.dist,
+                trainer_state=state, rng_state=rng, consolidated=weights_only_or_final,
+                async_save=self.cfg.async_checkpoint and full and name != "final")
+            if name == "final":
+                self.finish_pending_save()
+            return directory
+        optim = None
         if full:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val,
-                     "loader": self.loader.state_dict()}
-            opt_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                         "rng_cpu": torch.get_rng_state(),
-                         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.tokenizer, self.config,
-                                    trainer_state=state, optimizer_state=opt_state)
+            optim = full_optimizer_state(self.model, self.optimizer, self.dist)
+        if self.dist.is_main:
+            ckpt.save_checkpoint(directory, self.model, self.tokenizer, self.config,
+                                 trainer_state=state, optimizer_state=optim, rng_state=rng)
+        barrier(self.dist)
+        return directory
+
+    def finish_pending_save(self) -> None:
+        if self._pending_save is not None:
+            self._pending_save()
+            self._pending_save = None
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, plan = self.cfg, self.plan
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
-        log.info("run directory: %s", self.run_dir)
-        log.info("device %s, precision %s; %s", self.device, str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
-                 plan.describe())
-        metrics = MetricsLogger(self.run_dir)
-        bar = tqdm(total=plan.total_steps, initial=self.step, disable=not cfg.progress, unit="step",
+        try:
+            return self._fit()
+        finally:
+            teardown(self.dist)
+
+    def _fit(self) -> dict:
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
+            log.info("run directory: %s", self.run_dir)
+            log.info("device %s, precision %s, parallelism %s; %s", self.device,
+                     str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+                     f"{self.mode} x {self.dist.world_size}" if self.mode != "none" else "none", self.plan.describe())
+            log.info("%.3g FLOPs/token (6N + 12 L d T); peak %.1f TFLOP/s per device (%s)", self.flops_per_token,
+                     self.peak_tflops, self.peak_source)
+        barrier(self.dist)
+        metrics = MetricsLogger(self.run_dir) if main else None
+        bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True, mininterval=0.5)
         start, window_loss, window_n, window_tokens, window_start = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
         last_eval = None
         try:
-            self.model.train()
-            while self.step < plan.total_steps:
-                lr = lr_at(self.step, cfg, plan.total_steps, plan.warmup_steps)
+            self.train_model.train()
+            while self.step < self.plan.total_steps:
+                lr = lr_at(self.step, cfg, self.plan.total_steps, self.plan.warmup_steps)
                 loss_sum, n_targets, grad_norm = self._train_step(lr)
                 self.step += 1
-                step_tokens = plan.windows_per_step * plan.max_length
-                self.tokens_seen += step_tokens
-                window_loss, window_n, window_tokens = window_loss + loss_sum, window_n + n_targets, window_tokens + step_tokens
+                self.tokens_seen += self.plan.tokens_per_step
+                window_loss, window_n = window_loss + loss_sum, window_n + n_targets
+                window_tokens += self.plan.tokens_per_step
                 bar.update(1)
-                if self.step % cfg.log_interval_steps == 0 or self.step == plan.total_steps:
+                if self.step % cfg.log_interval_steps == 0 or self.step == self.plan.total_steps:
                     now = time.perf_counter()
+                    loss_total, n_total = all_reduce_sum([window_loss, window_n], self.dist, self.device)
                     rec = {"kind": "train", "step": self.step, "epoch": round(self.loader.epoch, 4),
-                           "tokens": self.tokens_seen, "loss": window_loss / max(1, window_n), "lr": lr,
-                           "grad_norm": grad_norm, "tok_per_s": window_tokens / max(1e-9, now - window_start),
+                           "tokens": self.tokens_seen, "loss": loss_total / max(1, n_total), "lr": lr,
+                           "grad_norm": grad_norm, **self._throughput(window_tokens, now - window_start),
                            "elapsed_s": now - start}
-                    metrics.log(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}")
+                    if main:
+                        metrics.log(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}",
+                                        mfu=f"{rec['mfu']:.1%}" if rec.get("mfu") is not None else "-")
                     window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, now
-                if cfg.eval_interval_steps and self.step % cfg.eval_interval_steps == 0 and self.step < plan.total_steps:
+                if cfg.eval_interval_steps and self.step % cfg.eval_interval_steps == 0 and self.step < self.plan.total_steps:
                     last_eval = self._eval_and_track(metrics, start)
                 if cfg.save_interval_steps and self.step % cfg.save_interval_steps == 0:
                     self.save(f"step_{self.step:07d}")
         except KeyboardInterrupt:
             bar.close()
             path = self.save(f"step_{self.step:07d}")
+            self.finish_pending_save()
             log.warning("interrupted: saved %s (resume with train.resume_from=%s)", path, path)
-            metrics.close()
+            if metrics:
+                metrics.close()
             raise
         bar.close()
         last_eval = self._eval_and_track(metrics, start) or last_eval
         final = self.save("final")
-        metrics.close()
-        plot = plot_loss_curve(metrics.jsonl_path, self.run_dir / "loss_curve.png") if cfg.plot else None
         summary = {"run_dir": str(self.run_dir), "final_checkpoint": str(final), "steps": self.step,
                    "tokens_seen": self.tokens_seen, "elapsed_s": time.perf_counter() - start,
-                   "loss_curve": str(plot) if plot else None, **(last_eval or {})}
+                   "world_size": self.dist.world_size, "parallel": self.mode, "loss_curve": None, **(last_eval or {})}
+        if main:
+            metrics.close()
+            plot = plot_loss_curve(metrics.jsonl_path, self.run_dir / "loss_curve.png") if cfg.plot else None
+            summary["loss_curve"] = str(plot) if plot else None
         if self.best_val < math.inf:
             summary["best_checkpoint"] = str(self.run_dir / "checkpoints" / "best")
             summary["best_val_loss"] = self.best_val
-        log.info("done: %d steps, %s tokens in %.1fs%s; checkpoint %s", self.step, f"{self.tokens_seen:,}",
-                 summary["elapsed_s"], f", val loss {last_eval['val_loss']:.4f}" if last_eval else "", final)
+        if main:
+            log.info("done: %d steps, %s tokens in %.1fs%s; checkpoint %s", self.step, f"{self.tokens_seen:,}",
+                     summary["elapsed_s"], f", val loss {last_eval['val_loss']:.4f}" if last_eval else "", final)
         return summary
 
-    def _eval_and_track(self, metrics: MetricsLogger, start: float) -> dict | None:
+    def _throughput(self, tokens: int, seconds: float) -> dict:
+        """Tokens/s over all ranks, achieved TFLOP/s per device, MFU and peak memory (max over ranks)."""
+        tok_s = tokens / max(1e-9, seconds)
+        tflops = tok_s * self.flops_per_token / self.dist.world_size / 1e12
+        return {"tok_per_s": tok_s, "tflops_per_device": tflops,
+                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                "peak_mem_gb": all_reduce_max(peak_memory_gb(self.device), self.dist, self.device)}
+
+    def _eval_and_track(self, metrics: MetricsLogger | None, start: float) -> dict | None:
         result = self.evaluate()
-        self.model.train()
+        self.train_model.train()
         if result is None:
             return None
-        metrics.log({"kind": "val", "step": self.step, "tokens": self.tokens_seen, "epoch": round(self.loader.epoch, 4),
-                     "elapsed_s": time.perf_counter() - start, **result})
-        tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f})", file=sys.stderr)
+        if metrics is not None:
+            metrics.log({"kind": "val", "step": self.step, "tokens": self.tokens_seen,
+                         "epoch": round(self.loader.epoch, 4), "elapsed_s": time.perf_counter() - start, **result})
+            tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f})", file=sys.stderr)
         if result["val_loss"] < self.best_val:
             self.best_val = result["val_loss"]
             self.save("best", full=False)
         return result
-
