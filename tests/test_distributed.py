@@ -93,12 +93,16 @@ def test_sharded_step_checkpoint_loads_for_inference(runs):
     assert lm.generate("the red", max_new_tokens=5, temperature=0)
 
 
-@pytest.mark.parametrize("options", [{"fsdp": "shard_grad_op"}, {"fsdp": "hybrid"}, {"optimizer": "zero_adamw"}],
+@pytest.mark.parametrize("options", [{"fsdp": "shard_grad_op", "async_checkpoint": True}, {"fsdp": "hybrid"},
+                                     {"optimizer": "zero_adamw"}],
                          ids=["shard_grad_op", "hybrid", "zero"])
 def test_other_sharding_modes_match_one_process(runs, tmp_path, options):
     torchrun({"checkpoint_dir": str(tmp_path / "run"), **options})
     assert losses(tmp_path / "run") == pytest.approx(losses(runs / "single"), rel=1e-5)
     assert_close_weights(runs / "single/checkpoints/final", tmp_path / "run/checkpoints/final")
+    if options.get("async_checkpoint"):  # the background save completed and was renamed into place
+        assert (tmp_path / "run/checkpoints/step_0000006/dcp/.metadata").exists()
+        assert not list((tmp_path / "run/checkpoints").glob(".*"))
     if "optimizer" in options:  # ZeRO state is gathered for the checkpoint and resumes in 2 ranks
         torchrun({"checkpoint_dir": str(tmp_path / "resumed"), **options,
                   "resume_from": str(tmp_path / "run/checkpoints/step_0000003")})

@@ -245,3 +245,13 @@ def test_parallel_settings_are_checked(dp, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="launch with torchrun"):
         psannLM(**TINY).fit(dp, **kw)
+
+
+def test_other_optimizers_train_or_fall_back_with_a_message(dp, tmp_path, caplog):
+    kw = dict(FAST, max_steps=2, batch_tokens=64, lr=1e-2)
+    lm = psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path / "ada"), optimizer="adafactor", **kw)
+    assert math.isfinite(lm.last_run["val_loss"])
+    state = torch.load(tmp_path / "ada/checkpoints/final/optimizer.pt", weights_only=True)
+    assert any(k.startswith("blocks.") for k in state["state"])  # keyed by parameter name
+    psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path / "b8"), optimizer="adamw8bit", **kw)
+    assert "adamw8bit needs CUDA and bitsandbytes" in caplog.text and "Using AdamW" in caplog.text

@@ -96,8 +96,9 @@ def save_fsdp_checkpoint(directory: Path, model: nn.Module, optimizer: torch.opt
 
 
 def _gloo_group():
-    """Background saves coordinate over gloo, so they never queue behind NCCL training traffic."""
+    """Background saves coordinate over their own gloo group: sharing the training group would
+    interleave the saving thread's collectives with the training loop's and deadlock."""
     global _async_group
     if _async_group is None:
-        _async_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        _async_group = dist.new_group(backend="gloo")
     return _async_group
