@@ -31,7 +31,7 @@ def evaluate_loss_sum(model: nn.Module, windows: TokenWindows, batch_size: int, 
     total, count = 0.0, 0
     for b in range(n_batches):
         idx = mine[b * batch_size:(b + 1) * batch_size]
-        size = len(idx) if world_size == 1 else min(batch_size, per_rank - b * batch_size)
+        size = min(batch_size, per_rank - b * batch_size)  # the same on every rank
         padded = np.concatenate([idx, np.zeros(size - len(idx), np.int64)])
         x, y = windows.batch(padded)
         y[len(idx):] = IGNORE_INDEX

@@ -118,22 +118,26 @@ def apply_fsdp(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device,
-                param_dtype: torch.dtype | None = None) -> tuple[nn.Module, str]:
+                amp_dtype: torch.dtype | None = None) -> tuple[nn.Module, str]:
     """Apply AC -> compile -> data parallelism. Returns (the module to train, 'fsdp'|'ddp'|'none').
 
-    `param_dtype` is FSDP's compute dtype (bf16 under amp); DDP and single-process runs use autocast.
+    Under FSDP, `amp_dtype` becomes the compute dtype of its mixed-precision policy; DDP and
+    single-process runs leave it to autocast.
     """
+    mode = data_parallel_mode(cfg, info.world_size)  # first: config errors before the model is touched
+    if mode == "fsdp":
+        if amp_dtype == torch.float16:
+            raise ConfigError("FSDP here runs in bf16 or fp32; fp16 needs a sharded loss scaler. Use train.amp=bf16 or fp32.")
+        if cfg.fsdp_cpu_offload and device.type != "cuda":
+            raise ConfigError("train.fsdp_cpu_offload moves shards off the GPU; it needs CUDA.")
+    elif cfg.fsdp_cpu_offload and cfg.fsdp == "off":
+        raise ConfigError("train.fsdp_cpu_offload applies to FSDP only; set train.fsdp=full_shard (or another mode).")
     if cfg.grad_checkpoint:
         log.info("activation checkpointing on %d blocks", apply_activation_checkpointing(model))
     if cfg.compile:
         compile_blocks(model)
-    mode = data_parallel_mode(cfg, info.world_size)
     if mode == "fsdp":
-        if cfg.fsdp_cpu_offload and device.type != "cuda":
-            raise ConfigError("train.fsdp_cpu_offload moves shards off the GPU; it needs CUDA.")
-        return apply_fsdp(model, cfg, info, device, param_dtype), mode
-    if cfg.fsdp_cpu_offload and cfg.fsdp == "off":
-        raise ConfigError("train.fsdp_cpu_offload applies to FSDP only; set train.fsdp=full_shard (or another mode).")
+        return apply_fsdp(model, cfg, info, device, amp_dtype), mode
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -25,7 +25,7 @@ from ..report.metrics import MetricsLogger, plot_loss_curve
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed, teardown
 from .optim import build_optimizer, default_warmup, lr_at
-from .parallel import data_parallel_mode, no_grad_sync, parallelize, uncompile_blocks
+from .parallel import no_grad_sync, parallelize, uncompile_blocks
 from .sharded import full_optimizer_state, save_fsdp_checkpoint
 from .throughput import flops_per_token, peak_memory_gb, peak_tflops
 
@@ -174,9 +174,6 @@ class Trainer:
             device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.device = device
         self.amp_dtype = resolve_amp(cfg.amp, device)
-        mode = data_parallel_mode(cfg, self.dist.world_size)
-        if mode == "fsdp" and self.amp_dtype == torch.float16:
-            raise ConfigError("FSDP here runs in bf16 or fp32; fp16 needs a sharded loss scaler. Use train.amp=bf16 or fp32.")
         self.model = model.to(device)
         self.train_windows, self.val_windows = train_windows, (val_windows if val_windows and len(val_windows) else None)
         self.plan = plan_batches(cfg, train_windows.max_length, len(train_windows), device, self.dist.world_size)
@@ -191,8 +188,7 @@ class Trainer:
             log.info("initialised weights from %s", cfg.init_from)
         # The weights were initialised identically on every rank; dropout and sampling now differ.
         torch.manual_seed(cfg.seed + self.dist.rank)
-        self.train_model, self.mode = parallelize(self.model, cfg, self.dist, device,
-                                                  self.amp_dtype if mode == "fsdp" else None)
+        self.train_model, self.mode = parallelize(self.model, cfg, self.dist, device, self.amp_dtype)
         # FSDP computes in bf16 through its mixed-precision policy; the others use autocast.
         self.autocast_dtype = None if self.mode == "fsdp" else self.amp_dtype
         self.optimizer = build_optimizer(self.model, cfg, device, self.mode)
