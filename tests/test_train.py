@@ -255,3 +255,34 @@ def test_other_optimizers_train_or_fall_back_with_a_message(dp, tmp_path, caplog
     assert any(k.startswith("blocks.") for k in state["state"])  # keyed by parameter name
     psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path / "b8"), optimizer="adamw8bit", **kw)
     assert "adamw8bit needs CUDA and bitsandbytes" in caplog.text and "Using AdamW" in caplog.text
+
+
+def _train_losses(dp, run_dir, **options):
+    torch.manual_seed(0)
+    psannLM(**TINY).fit(dp, checkpoint_dir=str(run_dir), max_steps=3, batch_tokens=64, lr=3e-3, warmup_steps=0,
+                        **FAST, **options)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def test_compiled_blocks_train_like_eager(dp, tmp_path):
+    from torch._dynamo.utils import counters
+
+    eager = _train_losses(dp, tmp_path / "eager")
+    counters.clear()
+    assert _train_losses(dp, tmp_path / "compiled", compile=True) == pytest.approx(eager, rel=1e-4)
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks really ran as compiled graphs
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(dp, tmp_path, monkeypatch, caplog):
+    eager = _train_losses(dp, tmp_path / "eager")
+
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("backend not available on this machine")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level("WARNING", logger="psann.lm"):
+        assert _train_losses(dp, tmp_path / "fallback", compile=True) == pytest.approx(eager, rel=1e-6)
+    assert "torch.compile failed (RuntimeError: backend not available" in caplog.text
