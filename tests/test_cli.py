@@ -1,6 +1,7 @@
 """The command line, driven as a user would: subprocesses with real arguments."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,9 +59,12 @@ def test_generate_cli(trained_run):
 def test_eval_cli(trained_run):
     out, _ = trained_run
     proc = run("-m", "psann.cli", "eval", "--ckpt", str(out / "checkpoints/final"), "--data",
-               "examples/lm/sample_texts.txt")
+               "examples/lm/sample_texts.txt", "--json")
     result = json.loads(proc.stdout)
     assert result["tokens"] > 1000 and 0 < result["loss"] < 10 and result["bits_per_byte"] > 0
+    assert 0 < result["accuracy"] <= result["top5_accuracy"] <= 1 and result["utf8_valid"] is None  # not a byte model
+    # BPB spreads the token loss over the bytes: summed nats / ln 2 / bytes
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / result["bytes"])
 
 
 def test_print_config_and_errors():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import json
 import sys
 import logging
@@ -253,10 +255,16 @@ def test_empty_texts_raise_data_error(kind, texts):
 
 def test_byte_tokenizer_needs_no_text_and_decodes_invalid_bytes():
     tok = build_tokenizer("byte")
-    assert tok.vocab_size == 259 and (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (256, 257, 258, None)
+    assert tok.vocab_size == 256 and (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0xFD, 0xFE, 0xFF, None)
     assert tok.encode("é") == [0xC3, 0xA9]
-    text = tok.decode([0xFF, 0xC3, ord("a"), 0xE2, 0x82, 258, 0xF0])  # broken UTF-8 everywhere
-    assert "\ufffd" in text and "a" in text
+    # pad/bos/eos are bytes UTF-8 never uses, so no text can produce them
+    rng = random.Random(0)
+    text = "".join(chr(rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0xD800), rng.randrange(0xE000, 0x110000)]))
+                   for _ in range(20000)) + "\ud800"  # a lone surrogate too
+    assert max(tok.encode(text)) < 0xF5
+    text = tok.decode([0xC3, ord("a"), 0xE2, 0x82, tok.eos_id, 0xF0])  # broken UTF-8 everywhere
+    assert "\ufffd" in text and "a" in text and "<eos>" not in text
+    assert "<eos>" in tok.decode([ord("a"), tok.eos_id], skip_special_tokens=False)
     assert tok.decode([5000, -1, 104, 105]) == "\ufffd\ufffdhi"  # out-of-range ids never crash
 
 

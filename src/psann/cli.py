@@ -48,23 +48,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+EVAL_COLUMNS = (("base", "base", "{}"), ("params", "parameters", "{:,}"), ("loss", "nats/token", "{:.4f}"),
+                ("ppl", "ppl", "{:.2f}"), ("bits_per_byte", "BPB", "{:.4f}"), ("byte_ppl", "ppl/byte", "{:.3f}"),
+                ("accuracy", "acc", "{:.1%}"), ("top5_accuracy", "top-5", "{:.1%}"), ("utf8_valid", "UTF-8 ok", "{:.0%}"))
+
+
 def cmd_eval(args) -> int:
     import torch
 
-    from psann.lm.data.loader import TokenWindows
     from psann.lm.data.text import iter_documents
-    from psann.lm.data.tokens import encode_corpus
-    from psann.lm.eval.evaluate import evaluate_loss
+    from psann.lm.eval.evaluate import evaluate_text
+    from psann.lm.models import count_parameters
     from psann.lm.train.checkpoint import load_checkpoint
 
-    model, tok, config = load_checkpoint(args.ckpt, args.device)
-    docs = list(iter_documents(args.data, config.data.doc_separator))
-    corpus = encode_corpus(docs, tok)
-    windows = TokenWindows(corpus, config.model.max_seq_len, True, tok.pad_id)
-    loss, n = evaluate_loss(model, windows, args.batch_size, torch.device(args.device))
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    print(json.dumps({"ckpt": args.ckpt, "data": args.data, "tokens": n, "loss": loss, "ppl": math.exp(min(loss, 50)),
-                      "bits_per_byte": loss * n / math.log(2) / max(1, n_bytes)}, indent=2))
+    results = []
+    for ckpt in args.ckpt:  # the seed's compare_checkpoints: several checkpoints, one table
+        model, tok, config = load_checkpoint(ckpt, args.device)
+        docs = list(iter_documents(args.data, config.data.doc_separator))
+        metrics = evaluate_text(model, tok, docs, config.model.max_seq_len, args.batch_size, torch.device(args.device),
+                                samples=args.samples, sample_bytes=args.sample_bytes, seed=args.seed)
+        results.append({"ckpt": ckpt, "base": config.model.base, "tokenizer": tok.kind,
+                        "params": count_parameters(model), "data": args.data, **metrics})
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        return 0
+    header = ["checkpoint"] + [title for _, title, _ in EVAL_COLUMNS]
+    rows = [[r["ckpt"]] + ["-" if r[key] is None else fmt.format(r[key]) for key, _, fmt in EVAL_COLUMNS] for r in results]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    print(f"\n{results[0]['tokens']:,} target tokens of the first checkpoint's tokenizer over {results[0]['bytes']:,} "
+          "bytes; BPB = summed cross-entropy / ln 2 / bytes, comparable across tokenizers.")
     return 0
 
 
@@ -101,11 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved generation settings and exit")
     _generation_args(p)
 
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on text files")
-    p.add_argument("--ckpt", required=True)
+    p = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of checkpoints on text files")
+    p.add_argument("--ckpt", action="append", required=True, help="checkpoint directory (repeat to compare several)")
     p.add_argument("--data", nargs="+", required=True, help="text files")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--samples", type=int, default=8, help="sampled continuations for the UTF-8 validity check (byte models)")
+    p.add_argument("--sample-bytes", type=int, default=128, help="length of each sampled continuation")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several checkpoints)")
 
     from psann.lm.tokenizers.cli import add_parser as add_tokenizer_parser
 

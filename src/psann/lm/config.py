@@ -173,11 +173,12 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
 class ModelConfig(_Validated):
     section: typing.ClassVar[str] = "model"
     base: str = _opt("transformer", "Model family; `psannlm` lists the registered bases (transformer, ...).")
-    d_model: int = _opt(512, "Width of the residual stream.", min=1)
+    d_model: int | list[int] = _opt(512, "Width of the residual stream; for base hnet one width per stage, outer to inner (e.g. [384, 512, 768]).", min=1)
     n_layers: int = _opt(8, "Number of decoder blocks.", min=1)
     n_heads: int = _opt(8, "Attention heads; must divide d_model.", min=1)
     n_kv_heads: int | None = _opt(None, "Key/value heads for grouped-query attention (default: n_heads); must divide n_heads.", min=1)
-    d_mlp: int | None = _opt(None, "MLP hidden size (default: transformer 8/3 * d_model rounded up to a multiple of 64 (SwiGLU); sine bases 4 * d_model).", min=1)
+    d_mlp: int | None = _opt(None, "MLP hidden size (default from hidden_ratio: gated MLPs 2/3 * hidden_ratio * d_model rounded up to a multiple of 64, i.e. 8/3 * d_model; sine bases hidden_ratio * d_model).", min=1)
+    hidden_ratio: float = _opt(4.0, "MLP expansion when d_mlp is unset (the seed's name); per stage width for base hnet.", min=0.0, min_exclusive=True)
     vocab_size: int | None = _opt(None, "Vocabulary size (default: the tokenizer's).", min=1)
     max_seq_len: int | None = _opt(None, "Context window in tokens (default: data.max_length); longer prompts are truncated from the left.", min=1)
     rope: bool = _opt(True, "Rotary position embeddings; false uses learned absolute position embeddings.")
@@ -188,6 +189,12 @@ class ModelConfig(_Validated):
     init_std: float = _opt(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
     causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention.")
     sine_params: dict[str, Any] | None = _opt(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
+    layer_type: str = _opt("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"))
+    expand_ratio: int = _opt(1, "hgrn_bit only: width of the recurrence = expand_ratio * d_model.", min=1)
+    num_blocks: list[list[int]] | None = _opt(None, "hnet only: blocks per stage, outer to inner: [encoder, 0, decoder] for each chunking stage, then [main] (e.g. [[3, 0, 3], [6]]).")
+    target_compression: list[float] | None = _opt(None, "hnet only: target bytes per chunk at each chunking stage (default 6 for one stage, 3 per stage for more).")
+    ratio_loss_weight: float = _opt(0.03, "hnet only: weight of the ratio loss that steers each stage to its target compression.", min=0.0)
+    stage_lr_mult: list[float] | None = _opt(None, "hnet only: learning-rate multiplier per stage, outer to inner (default 1 each; the H-Net recipe uses larger ones outside).")
     wave_mode: str = _opt("interleave", "waveresnet only: wave blocks after the MLP (interleave), instead of it (replace), or none (off).", choices=("interleave", "replace", "off"))
     wave_kernel_size: int = _opt(3, "waveresnet only: kernel of the causal depthwise convolution over time.", min=1)
     wave_dilation_growth: int = _opt(2, "waveresnet only: dilation of layer i is growth ** (i % cycle).", min=1)
@@ -204,12 +211,65 @@ class ModelConfig(_Validated):
             if changed:
                 raise ConfigError(f"'model.{changed[0]}' only applies to base 'waveresnet' (base is '{self.base}'); "
                                   "remove it or set model.base=waveresnet.")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"'model.d_model' ({self.d_model}) must be divisible by 'model.n_heads' ({self.n_heads}).")
-        if (self.d_model // self.n_heads) % 2 and self.rope:
-            raise ConfigError(f"RoPE needs an even head size; d_model/n_heads = {self.d_model // self.n_heads}. Change d_model or n_heads.")
+        self._check_byte_options()
+        for width in self.widths:
+            if width < 1:
+                raise ConfigError(f"'model.d_model' widths must be >= 1, got {self.d_model}.")
+            if width % self.n_heads:
+                raise ConfigError(f"'model.d_model' ({width}) must be divisible by 'model.n_heads' ({self.n_heads}).")
+            if (width // self.n_heads) % 2 and self.rope and self.layer_type == "transformer":
+                raise ConfigError(f"RoPE needs an even head size; d_model/n_heads = {width // self.n_heads}. Change d_model or n_heads.")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"'model.n_heads' ({self.n_heads}) must be divisible by 'model.n_kv_heads' ({self.n_kv_heads}).")
+
+    def _check_byte_options(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        hnet_only = ("num_blocks", "target_compression", "ratio_loss_weight", "stage_lr_mult")
+        if self.base != "hnet":
+            changed = [k for k in hnet_only if getattr(self, k) != defaults[k]]
+            if changed:
+                raise ConfigError(f"'model.{changed[0]}' only applies to base 'hnet' (base is '{self.base}'); "
+                                  "remove it or set model.base=hnet.")
+            if isinstance(self.d_model, list):
+                raise ConfigError(f"'model.d_model' is a list ({self.d_model}): one width per stage is for base 'hnet'; "
+                                  f"base '{self.base}' takes one integer.")
+        if self.base not in ("byte", "hnet") and self.layer_type != "transformer":
+            raise ConfigError(f"'model.layer_type={self.layer_type}' is for the byte-level bases byte and hnet "
+                              f"(base is '{self.base}').")
+        if self.layer_type != "hgrn_bit" and self.expand_ratio != defaults["expand_ratio"]:
+            raise ConfigError("'model.expand_ratio' only applies to layer_type hgrn_bit; remove it or set model.layer_type=hgrn_bit.")
+        if self.base != "hnet":
+            return
+        widths, blocks = self.widths, self.num_blocks
+        if blocks is None or len(widths) != len(blocks) or len(widths) < 2:
+            raise ConfigError("base 'hnet' needs model.d_model as a list of stage widths and model.num_blocks with one "
+                              "entry per width, at least two: e.g. d_model: [384, 512], num_blocks: [[3, 0, 3], [6]].")
+        for i, stage in enumerate(blocks[:-1]):
+            if len(stage) != 3 or stage[1] != 0 or min(stage) < 0:
+                raise ConfigError(f"'model.num_blocks[{i}]' must be [encoder, 0, decoder] (the middle is the inner stage), got {stage}.")
+        if len(blocks[-1]) != 1 or blocks[-1][0] < 1:
+            raise ConfigError(f"'model.num_blocks[-1]' is the innermost stage: [main blocks], got {blocks[-1]}.")
+        if any(b < a for a, b in zip(widths, widths[1:])):
+            raise ConfigError(f"'model.d_model' stage widths must not shrink towards the inside, got {widths}.")
+        if self.n_layers != defaults["n_layers"]:
+            raise ConfigError("base 'hnet' takes its depth from model.num_blocks; remove model.n_layers.")
+        levels = len(widths) - 1
+        for key, n in (("target_compression", levels), ("stage_lr_mult", len(widths))):
+            value = getattr(self, key)
+            if value is not None and len(value) != n:
+                raise ConfigError(f"'model.{key}' needs {n} value(s) for {len(widths)} stages, got {value}.")
+        if self.target_compression is not None and min(self.target_compression) <= 1:
+            raise ConfigError(f"'model.target_compression' values must be > 1 (bytes per chunk), got {self.target_compression}.")
+
+    @property
+    def widths(self) -> list[int]:
+        """Stage widths, outer to inner (one entry for every base but hnet)."""
+        return list(self.d_model) if isinstance(self.d_model, list) else [self.d_model]
+
+    @property
+    def compression_targets(self) -> list[float]:
+        levels = len(self.widths) - 1
+        return list(self.target_compression or ([6.0] if levels == 1 else [3.0] * levels))
 
     @property
     def head_dim(self) -> int:
@@ -221,7 +281,13 @@ class ModelConfig(_Validated):
 
     @property
     def mlp_hidden(self) -> int:
-        return self.d_mlp or 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return self.d_mlp or gated_mlp_hidden(self.d_model, self.hidden_ratio)
+
+
+def gated_mlp_hidden(width: int, hidden_ratio: float) -> int:
+    """Hidden size of a gated (SwiGLU/GLU) MLP: 2/3 of hidden_ratio * width (the same parameters as
+    an ungated MLP of that ratio), rounded up to a multiple of 64."""
+    return 64 * math.ceil(2 * hidden_ratio * width / 3 / 64)
 
 
 @dataclass
@@ -372,6 +438,40 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     raise ConfigError(f"unsupported config format '{suffix}' ({path}); use .yaml, .yml, .toml or .json.")
 
 
+# The seed's JSON model files ({"model_type": "hnet_bit", "d_model": [...], ...}): key -> model key.
+SEED_MODEL_KEYS = {"vocab_size": "vocab_size", "d_model": "d_model", "hidden_size": "d_model", "num_blocks": "num_blocks",
+                   "num_hidden_layers": "n_layers", "num_heads": "n_heads", "expand_ratio": "expand_ratio",
+                   "hidden_ratio": "hidden_ratio", "max_position_embeddings": "max_seq_len", "rms_norm_eps": "norm_eps",
+                   "tie_word_embeddings": "tie_embeddings"}
+SEED_MODEL_TYPES = {"hnet_bit": ("hnet", "hgrn_bit"), "hnet": ("hnet", "transformer"), "hgrn_bit": ("byte", "hgrn_bit"),
+                    "simplified_slm": ("byte", "hgrn_bit"), "slm": ("byte", "hgrn_bit")}
+# Kernel choices of the seed's GPU code; every value computes the same recurrence here.
+SEED_ATTN_MODES = ("fused_recurrent", "chunk", "naive")
+
+
+def seed_model_config(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """A seed-style JSON model config -> our model section (unknown keys are errors)."""
+    kind = values.get("model_type")
+    if kind not in SEED_MODEL_TYPES:
+        raise ConfigError(f"{source}: model_type {kind!r} is not one of {', '.join(SEED_MODEL_TYPES)}.")
+    base, layer_type = SEED_MODEL_TYPES[kind]
+    model: dict[str, Any] = {"base": base, "layer_type": layer_type}
+    for key, value in values.items():
+        if key == "model_type":
+            continue
+        if key == "attn_mode":
+            if value not in SEED_ATTN_MODES:
+                raise ConfigError(f"{source}: attn_mode {value!r} is not one of {', '.join(SEED_ATTN_MODES)}.")
+            continue
+        if key not in SEED_MODEL_KEYS:
+            raise ConfigError(f"{source}: unknown key '{key}' in a {kind} model config.{did_you_mean(key, SEED_MODEL_KEYS)} "
+                              f"Valid keys: model_type, attn_mode, {', '.join(SEED_MODEL_KEYS)}.")
+        model[SEED_MODEL_KEYS[key]] = value
+    if model.get("vocab_size", 256) != 256:
+        raise ConfigError(f"{source}: byte-level models have vocab_size 256, got {model['vocab_size']}.")
+    return model
+
+
 def apply_override(values: dict[str, Any], override: str) -> None:
     """Apply one `section.key=value` (or `section.key.sub=value` inside a mapping) to a raw config dict."""
     text = override[2:] if override.startswith("--") else override
@@ -404,6 +504,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     values = read_config_file(path) if path else {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}.")
+    if "model_type" in values:  # a seed-style model file: it is the model section
+        values = {"model": seed_model_config(values, str(path))}
     for override in overrides:
         apply_override(values, override)
     return RunConfig.from_dict(values)

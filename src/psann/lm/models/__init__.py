@@ -6,6 +6,8 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError, unknown_choice
+from .byte import ByteLM
+from .hnet import HNetLM
 from .respsann import ResPSANNLM
 from .transformer import TransformerLM
 from .waveresnet import WaveResNetLM
@@ -14,10 +16,13 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "transformer": TransformerLM,
     "respsann": ResPSANNLM,
     "waveresnet": WaveResNetLM,
+    "byte": ByteLM,
+    "hnet": HNetLM,
 }
 
 
 SINE_BASES = ("respsann", "waveresnet")
+BYTE_BASES = ("byte", "hnet")  # read raw bytes: vocab 256, the byte tokenizer
 
 
 def check_base(base: str) -> None:
@@ -33,6 +38,9 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.sine_params is not None and config.base not in SINE_BASES:
         raise ConfigError(f"'model.sine_params' configures the sine activation of the PSANN bases ({', '.join(SINE_BASES)}); "
                           f"base '{config.base}' has none. Remove sine_params or choose a PSANN base.")
+    if config.base in BYTE_BASES and config.vocab_size != 256:
+        raise ConfigError(f"base '{config.base}' reads bytes (vocab_size 256), got vocab_size {config.vocab_size}: "
+                          "prepare the data with tokenizer='byte'.")
     return MODEL_REGISTRY[config.base](config)
 
 

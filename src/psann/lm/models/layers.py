@@ -80,8 +80,8 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
-        # Per-layer state of layers that mix along time (e.g. a wave convolution's last inputs).
-        self.conv_states: dict[int, torch.Tensor] = {}
+        # Per-layer state of layers that mix along time (a wave convolution's last inputs, a recurrence's h).
+        self.states: dict[int, torch.Tensor] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -128,6 +128,35 @@ class BlockInputs:
     is_causal: bool                                 # let SDPA apply the causal mask itself
     cache: "KVCache | None"
     token_mask: torch.Tensor | None = None          # (B, T), 0 at padding; for layers that mix along time
+
+
+def mask_positions(attention_mask: torch.Tensor, past: int, length: int) -> torch.Tensor:
+    """Position ids that count only real tokens (left padding does not shift them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + length]
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *, rope: RotaryEmbedding | None, causal: bool,
+               cache: KVCache | None, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a stack of blocks over x (B, T, D): one BlockInputs for all of them, then advance the cache.
+
+    attention_mask (B, past + T) marks real tokens (1) and padding or skipped slots (0), cached
+    positions included; position ids then count real tokens only.
+    """
+    T = x.shape[1]
+    past = cache.length if cache is not None else 0
+    if position_ids is None and attention_mask is not None:
+        position_ids = mask_positions(attention_mask, past, T)
+    inputs = BlockInputs(
+        rope=rope(position_ids, past, T, x.dtype) if rope is not None else None,
+        attn_mask=build_attention_mask(attention_mask, T, past, causal, x.device),
+        is_causal=causal and past == 0 and T > 1, cache=cache,
+        token_mask=attention_mask[:, past:past + T] if attention_mask is not None else None)
+    for block in blocks:
+        x = block(x, inputs)
+    if cache is not None:
+        cache.advance(T)
+    return x
 
 
 class Attention(nn.Module):
@@ -195,7 +224,7 @@ class DecoderBlock(nn.Module):
 
 
 # Linears that write into the residual stream (their init is scaled down with depth).
-RESIDUAL_OUTPUTS = ("attn.out", "mlp.down", "mlp.fc2", "wave.out")
+RESIDUAL_OUTPUTS = ("attn.out", "mlp.down", "mlp.fc2", "wave.out", "mixer.out")
 
 
 def init_weights(model: nn.Module, config: ModelConfig) -> None:

@@ -47,4 +47,4 @@ class ResPSANNLM(TransformerLM):
                 siren_init_(module.fc1.weight, module.fc1.in_features, self.sine.freq_init)
 
     def make_mlp(self, layer_index: int) -> nn.Module:
-        return SineMLP(self.config.d_model, self.config.d_mlp or 4 * self.config.d_model, self.sine)
+        return SineMLP(self.config.d_model, self.config.d_mlp or round(self.config.hidden_ratio * self.config.d_model), self.sine)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .layers import BlockInputs, DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask, init_weights
+from .layers import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, init_weights, mask_positions, run_blocks
 
 
 class TransformerLM(nn.Module):
@@ -51,31 +51,20 @@ class TransformerLM(nn.Module):
         cached positions too. position_ids default to running positions, or to the count of real
         tokens before each position when a mask is given (so left padding does not shift them).
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         if position_ids is None and attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            position_ids = mask_positions(attention_mask, past, T)
         x = self.embed(input_ids)
-        if self.rope is not None:
-            rope = self.rope(position_ids, past, T, x.dtype)
-        else:
-            rope = None
+        if self.pos_embed is not None:
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)
             if past + T > self.config.max_seq_len and int(position_ids.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.config.max_seq_len} "
                                  "of a model with learned positions; shorten the input.")
             x = x + self.pos_embed(position_ids)
-        x = self.drop(x)
-        causal = self.config.causal
-        inputs = BlockInputs(
-            rope=rope, attn_mask=build_attention_mask(attention_mask, T, past, causal, input_ids.device),
-            is_causal=causal and past == 0 and T > 1, cache=cache,
-            token_mask=attention_mask[:, past:past + T] if attention_mask is not None else None)
-        for block in self.blocks:
-            x = block(x, inputs)
-        if cache is not None:
-            cache.advance(T)
+        x = run_blocks(self.blocks, self.drop(x), rope=self.rope, causal=self.config.causal, cache=cache,
+                       attention_mask=attention_mask, position_ids=position_ids)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

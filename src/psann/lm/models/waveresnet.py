@@ -36,8 +36,8 @@ class WaveBlock(nn.Module):
         h = h.transpose(1, 2)  # (B, C, T)
         cache = inputs.cache
         if cache is not None:
-            h = torch.cat([cache.conv_states[self.layer_index], h], dim=-1)
-            cache.conv_states[self.layer_index] = h[..., h.shape[-1] - self.context:]
+            h = torch.cat([cache.states[self.layer_index], h], dim=-1)
+            cache.states[self.layer_index] = h[..., h.shape[-1] - self.context:]
         else:
             h = F.pad(h, (self.context, 0))
         return self.out(self.act(self.conv(h).transpose(1, 2)))
@@ -77,5 +77,5 @@ class WaveResNetLM(ResPSANNLM):
         cache = super().new_cache(batch_size, max_len, device, dtype)
         for i, block in enumerate(self.blocks):
             if isinstance(block, WaveDecoderBlock):  # zeros = the left padding of the full forward
-                cache.conv_states[i] = cache.k.new_zeros(batch_size, self.config.d_model, block.wave.context)
+                cache.states[i] = cache.k.new_zeros(batch_size, self.config.d_model, block.wave.context)
         return cache

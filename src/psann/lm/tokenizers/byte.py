@@ -1,4 +1,8 @@
-"""Byte-level tokenizer: ids 0..255 are raw UTF-8 bytes, then pad/bos/eos."""
+"""Byte-level tokenizer: 256 ids, one per byte of the UTF-8 text.
+
+pad/bos/eos are the bytes 0xFD/0xFE/0xFF, which never occur in UTF-8 (0xF5-0xFF are invalid
+lead bytes), so they cannot collide with text: encoding a str always yields valid UTF-8 bytes.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 
 from .base import Tokenizer, check_against_meta, read_meta
 
-_SPECIALS = {256: "<pad>", 257: "<bos>", 258: "<eos>"}
+PAD_ID, BOS_ID, EOS_ID = 0xFD, 0xFE, 0xFF
+_SPECIALS = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
 
 
 class ByteTokenizer(Tokenizer):
@@ -17,18 +22,18 @@ class ByteTokenizer(Tokenizer):
     kind = "byte"
 
     def __init__(self) -> None:
-        self.pad_id, self.bos_id, self.eos_id = 256, 257, 258
+        self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
         self.unk_id = None  # every byte is representable
 
     @property
     def vocab_size(self) -> int:
-        return 259
+        return 256
 
     def special_tokens(self) -> dict[int, str]:
         return dict(_SPECIALS)
 
     def _encode_text(self, text: str) -> list[int]:
-        # "surrogatepass" keeps lone surrogates encodable; they decode back as U+FFFD.
+        # "surrogatepass" keeps lone surrogates encodable (as 0xED sequences); they decode back as U+FFFD.
         return list(text.encode("utf-8", errors="surrogatepass"))
 
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:

@@ -20,10 +20,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     sine parameters (decay would drag their raw values towards softplus(0) = 0.69).
 
     A module may define `param_group_options()` -> {"weight_decay": ..., "lr_mult": ...} for its
-    own direct parameters (SineParam uses it for its LR multiplier).
+    own direct parameters (SineParam uses it for its LR multiplier), and `lr_mult_subtree` for all
+    parameters beneath it (H-Net stages; modules() visits outer stages first, so inner ones win).
     """
     options: dict[int, dict] = {}
+    subtree: dict[int, float] = {}
     for module in model.modules():
+        if hasattr(module, "lr_mult_subtree"):
+            subtree.update({id(p): module.lr_mult_subtree for p in module.parameters()})
         own = dict(module.named_parameters(recurse=False))
         if isinstance(module, nn.Embedding):
             options.update({id(p): {"weight_decay": 0.0} for p in own.values()})
@@ -37,7 +41,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(p))
         opt = options.get(id(p), {})
         decay = opt.get("weight_decay", weight_decay if p.ndim >= 2 else 0.0)
-        groups.setdefault((decay, opt.get("lr_mult", 1.0)), []).append(p)
+        groups.setdefault((decay, opt.get("lr_mult", 1.0) * subtree.get(id(p), 1.0)), []).append(p)
     return [{"params": params, "weight_decay": decay, "lr_mult": lr_mult}
             for (decay, lr_mult), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
 

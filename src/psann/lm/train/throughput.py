@@ -55,6 +55,10 @@ def matmul_parameters(model: nn.Module) -> int:
 
 
 def flops_per_token(model: nn.Module, config: ModelConfig, seq_len: int) -> int:
+    """Families whose cost is not the formula above (recurrent layers, H-Net stages) say their own."""
+    own = getattr(model, "flops_per_token", None)
+    if own is not None:
+        return own(seq_len)
     return 6 * matmul_parameters(model) + 12 * config.n_layers * config.d_model * seq_len
 
 
@@ -137,12 +141,24 @@ def activation_bytes_per_token(config: ModelConfig, grad_checkpoint: bool, half:
     upcast to fp32 for the loss.
     """
     a = 2 if half else 4
+    logits = (a + 4) * (config.vocab_size or 0)
+    if config.base == "hnet":  # each stage's blocks at its width, for the share of bytes that reach it
+        from ..models.hnet import stage_config
+
+        total, rate = logits, 1.0
+        targets = config.compression_targets + [1.0]
+        for width, blocks, target in zip(config.widths, config.num_blocks, targets):
+            total += _blocks_bytes(stage_config(config, width, sum(blocks)), a, grad_checkpoint) / rate
+            rate *= target
+        return int(total)
+    return _blocks_bytes(config, a, grad_checkpoint) + logits
+
+
+def _blocks_bytes(config: ModelConfig, a: int, grad_checkpoint: bool) -> int:
     h, m = config.d_model, config.mlp_hidden
     k = config.kv_heads * config.head_dim
     block = 8 * h + 2 * a * h + 2 * a * (h + 2 * k) + a * h + 4 * a * m
-    blocks = config.n_layers * 4 * h + block if grad_checkpoint else config.n_layers * block
-    logits = (a + 4) * (config.vocab_size or 0)
-    return blocks + logits
+    return config.n_layers * 4 * h + block if grad_checkpoint else config.n_layers * block
 
 
 def memory_plan(model: nn.Module, config: ModelConfig, *, optimizer: str, shard_factor: int, optimizer_shards: int,

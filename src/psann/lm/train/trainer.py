@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import sys
@@ -195,6 +196,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         if cfg.resume_from:
             self._resume(cfg.resume_from)
+        self.model_has_aux = "return_aux" in inspect.signature(self.model.forward).parameters
         self.flops_per_token = flops_per_token(self.model, config.model, self.plan.max_length)
         self.peak_tflops, self.peak_source = peak_tflops(device, self.amp_dtype, cfg.peak_tflops)
         self._pending_save = None
@@ -223,14 +225,17 @@ class Trainer:
             self.run_dir = Path(where).resolve().parent.parent
         log.info("resumed from %s at step %d", where, self.step)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """(logits, aux) where aux is a model's auxiliary loss and metrics (H-Net's ratio loss), or None."""
+        kwargs = {"return_aux": True} if self.model_has_aux else {}
         try:
-            return self.train_model(x)
+            out = self.train_model(x, **kwargs)
         except Exception as exc:  # compile errors surface at the first call, not at torch.compile()
             if not uncompile_blocks(self.model):
                 raise
             log.warning("torch.compile failed (%s: %s); training eagerly.", type(exc).__name__, str(exc).splitlines()[0][:200])
-            return self.train_model(x)
+            out = self.train_model(x, **kwargs)
+        return out if self.model_has_aux else (out, None)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -238,8 +243,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _train_step(self, lr: float) -> tuple[float, int, float]:
-        """-> (summed loss of this rank, target tokens of this rank, grad norm)."""
+    def _train_step(self, lr: float) -> tuple[float, int, float, dict]:
+        """-> (summed loss of this rank, target tokens of this rank, grad norm, summed aux metrics)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         start = self.loader.state_dict()
@@ -260,23 +265,28 @@ class Trainer:
                             smaller.micro_batch_size)
                 self.plan = smaller
 
-    def _accumulate_and_step(self) -> tuple[float, int, float]:
+    def _accumulate_and_step(self) -> tuple[float, int, float, dict]:
         """The loss of a step is normalised by the target tokens of all its micro-batches on all
-        ranks, so any split (accumulation, ranks) gives the same update as one large batch."""
+        ranks, so any split (accumulation, ranks) gives the same update as one large batch.
+        An auxiliary loss (a per-micro-batch mean) is weighted by the micro-batch's targets, so it
+        enters the step as a token-weighted mean beside the cross-entropy."""
         batches = [self.loader.next_batch() for _ in range(self.plan.grad_accum_steps)]
         n_local = sum(int((y != -100).sum()) for _, y in batches)
         n_global = all_reduce_sum([n_local], self.dist, self.device)[0]
         # DDP and FSDP average gradients over ranks; scale back up so the result is sum / n_global.
         scale = self.dist.world_size / max(1.0, n_global)
-        total = 0.0
+        total, aux_sums = 0.0, {}
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with no_grad_sync(self.train_model, self.mode, last_micro_step=i == len(batches) - 1):
                 with self._autocast():
-                    logits = self._forward(x)
-                loss_sum, _ = causal_lm_loss_sum(logits, y, self.cfg.label_smoothing)
-                self.scaler.scale(loss_sum * scale).backward()
+                    logits, aux = self._forward(x)
+                loss_sum, n = causal_lm_loss_sum(logits, y, self.cfg.label_smoothing)
+                objective = loss_sum if aux is None else loss_sum + aux["loss"] * n
+                self.scaler.scale(objective * scale).backward()
             total += float(loss_sum.detach())
+            for key, value in (aux or {}).get("metrics", {}).items():
+                aux_sums[key] = aux_sums.get(key, 0.0) + float(value) / len(batches)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
@@ -287,7 +297,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, n_local, grad_norm
+        return total, n_local, grad_norm, aux_sums
 
     # -- evaluation and checkpoints --------------------------------------------------------------
     def evaluate(self) -> dict | None:
@@ -362,12 +372,16 @@ class Trainer:
         bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True, mininterval=0.5)
         start, window_loss, window_n, window_tokens, window_start = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
+        window_aux, window_steps = {}, 0
         last_eval = None
         try:
             self.train_model.train()
             while self.step < self.plan.total_steps:
                 lr = lr_at(self.step, cfg, self.plan.total_steps, self.plan.warmup_steps)
-                loss_sum, n_targets, grad_norm = self._train_step(lr)
+                loss_sum, n_targets, grad_norm, aux = self._train_step(lr)
+                for key, value in aux.items():
+                    window_aux[key] = window_aux.get(key, 0.0) + value
+                window_steps += 1
                 self.step += 1
                 self.tokens_seen += self.plan.tokens_per_step
                 window_loss, window_n = window_loss + loss_sum, window_n + n_targets
@@ -380,11 +394,16 @@ class Trainer:
                            "tokens": self.tokens_seen, "loss": loss_total / max(1, n_total), "lr": lr,
                            "grad_norm": grad_norm, **self._throughput(window_tokens, now - window_start),
                            "elapsed_s": now - start}
+                    if window_aux:  # per-step means, averaged over the window and the ranks
+                        keys = sorted(window_aux)
+                        sums = all_reduce_sum([window_aux[k] for k in keys], self.dist, self.device)
+                        rec.update({k: v / (window_steps * self.dist.world_size) for k, v in zip(keys, sums)})
                     if main:
                         metrics.log(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}",
                                         mfu=f"{rec['mfu']:.1%}" if rec.get("mfu") is not None else "-")
                     window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, now
+                    window_aux, window_steps = {}, 0
                 if cfg.eval_interval_steps and self.step % cfg.eval_interval_steps == 0 and self.step < self.plan.total_steps:
                     last_eval = self._eval_and_track(metrics, start)
                 if cfg.save_interval_steps and self.step % cfg.save_interval_steps == 0:
