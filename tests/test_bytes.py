@@ -157,6 +157,25 @@ def test_router_and_encoder_receive_gradient_through_the_straight_through_estima
     assert float(aux["metrics"]["stage0_compression"]) > 1
 
 
+@pytest.mark.parametrize("name", ["byte-hgrn", "hnet-2stage", "hnet-hgrn"])
+def test_activation_checkpointing_of_every_block_gives_the_same_gradients(name):
+    import copy
+
+    from psann.lm.train.parallel import apply_activation_checkpointing
+
+    model = small_model(name).train()
+    twin = copy.deepcopy(model)
+    assert apply_activation_checkpointing(twin) == len(list(model.blocks)) > 0
+    x = random_bytes(2, 48)
+    for m in (model, twin):
+        out = m(x, return_aux=True) if name.startswith("hnet") else (m(x), None)
+        loss = F.cross_entropy(out[0].flatten(0, 1), x.roll(-1, 1).flatten())
+        (loss + out[1]["loss"] if out[1] else loss).backward()
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert a.grad is not None, n  # every parameter, the router and pads included, is trained
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
 # -- the scan and BitLinear --------------------------------------------------------------------------
 def test_scan_equals_the_naive_loop_in_values_and_gradients():
     torch.manual_seed(0)
@@ -275,3 +294,45 @@ def test_byte_models_train_generate_and_round_trip(name, tmp_path):
     assert lm.generate_batch(["the red", "a"], max_new_tokens=12, temperature=0)[0] == single
     lm.save(tmp_path / "saved")
     assert psannLM.load(tmp_path / "saved").generate("the red", max_new_tokens=12, temperature=0) == single
+
+
+def test_utf8_validity_counts_broken_bytes_but_not_a_cut_last_character():
+    from psann.lm.eval.evaluate import utf8_validity
+
+    cut = "héllo €".encode()[:-1]  # the euro sign loses its last byte to the length limit
+    assert utf8_validity([b"plain", cut, b"bad \xff byte", b"\xc3(".rstrip()]) == 0.5
+
+
+def test_seed_config_trains_from_the_command_line_and_eval_compares_checkpoints(tmp_path, capsys):
+    from psann.cli import main as psannlm
+    from psann.lm.train.cli import main as train
+
+    text = tmp_path / "stories.txt"
+    text.write_text("<|endoftext|>".join(f"the cat number {i} sat on the mat and looked at the dog." for i in range(80)),
+                    encoding="utf-8")
+    seed = {"model_type": "hnet_bit", "vocab_size": 256, "d_model": [32, 48], "num_blocks": [[1, 0, 1], [1]],
+            "num_heads": 2, "max_position_embeddings": 64}
+    (tmp_path / "tiny.json").write_text(json.dumps(seed))
+    runs = {}
+    for name, config in (("hnet", ["--config", str(tmp_path / "tiny.json")]),
+                         ("flat", ["--model.base=byte", "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2"])):
+        runs[name] = tmp_path / name
+        assert train([*config, f"--data.train_files=[{text}]", "--data.doc_separator=<|endoftext|>",
+                      "--data.max_length=64", "--train.max_steps=3", "--train.batch_tokens=256",
+                      f"--train.checkpoint_dir={runs[name]}", "--train.progress=false", "--train.plot=false",
+                      "--train.device=cpu", "--train.amp=fp32"]) == 0
+        assert '"kind": "byte"' in (runs[name] / "checkpoints/final/tokenizer/psann_tokenizer.json").read_text()
+    capsys.readouterr()
+    ckpts = [str(runs[n] / "checkpoints/final") for n in ("hnet", "flat")]
+    assert psannlm(["eval", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--data", str(text), "--samples", "2",
+                    "--sample-bytes", "16"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["checkpoint", "base", "parameters"] and "BPB" in table[0]
+    assert table[2].startswith(ckpts[0]) and " hnet " in table[2] and table[3].startswith(ckpts[1])
+    assert psannlm(["eval", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--data", str(text), "--samples", "2",
+                    "--sample-bytes", "16", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    for r in results:  # byte models: one target per byte, plus each document's BOS and EOS but the first BOS
+        assert r["tokens"] == r["bytes"] + 2 * 80 - 1
+        assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
+        assert r["byte_ppl"] == pytest.approx(2 ** r["bits_per_byte"]) and 0 <= r["utf8_valid"] <= 1

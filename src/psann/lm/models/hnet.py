@@ -223,9 +223,11 @@ class HNetStage(nn.Module):
         inner = {id(p) for p in self.inner.parameters()} if self.inner is not None else set()
         return sum(p.numel() for p in self.parameters() if id(p) not in inner)
 
+    def stacks(self) -> list[Stack]:
+        return [self.main] if self.inner is None else [self.encoder, self.decoder]
+
     def attention_blocks(self) -> int:
-        stacks = [self.main] if self.inner is None else [self.encoder, self.decoder]
-        return sum(len(s.blocks) for s in stacks if s.config.layer_type == "transformer")
+        return sum(len(s.blocks) for s in self.stacks() if s.config.layer_type == "transformer")
 
 
 class HNetLM(nn.Module):
@@ -247,6 +249,12 @@ class HNetLM(nn.Module):
         self.stage.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Every block of every stage, outer to inner: what `parallelize` checkpoints, compiles and
+        shards one by one."""
+        return [block for stage in self.stage.stages() for stack in stage.stacks() for block in stack.blocks]
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> HNetCache:
         like = self.embed.weight

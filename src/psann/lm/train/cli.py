@@ -71,13 +71,17 @@ def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[s
 
 
 def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
-    """Fill defaults that depend on the run: the run directory (rank 0's, on every rank), and the
-    data cache inside it (one per rank: ranks tokenise side by side)."""
+    """Fill defaults that depend on the run: the run directory (rank 0's, on every rank), the
+    data cache inside it (one per rank: ranks tokenise side by side), and the byte tokenizer for
+    the byte-level bases when the tokenizer is left on auto."""
+    from ..models import BYTE_BASES
     from .distributed import DistInfo, broadcast_object
     from .trainer import new_run_dir
 
     info = info or DistInfo()
     train, data = config.train, config.data
+    if config.model.base in BYTE_BASES and data.tokenizer == "auto" and not (data.tokenizer_model_path or data.path):
+        data = dataclasses.replace(data, tokenizer="byte")
     if train.checkpoint_dir is None:
         run_dir = str(new_run_dir()) if info.is_main else None
         train = dataclasses.replace(train, checkpoint_dir=broadcast_object(run_dir, info))

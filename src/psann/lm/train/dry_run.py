@@ -18,9 +18,11 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | None = None, gpu: str = "H100",
              mfu: float = 0.4) -> dict:
-    from ..models import build_model, count_parameters
+    from ..models import BYTE_BASES, build_model, count_parameters
 
     model_cfg, train, L = config.model, config.train, config.data.max_length
+    if model_cfg.vocab_size is None and model_cfg.base in BYTE_BASES:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=256)
     if model_cfg.vocab_size is None:
         raise ConfigError("--dry-run needs the vocabulary size: set model.vocab_size (--vocab-size).")
     model_cfg = dataclasses.replace(model_cfg, max_seq_len=model_cfg.max_seq_len or L)
