@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description, compact JSON, preset arguments."""
+"""Helpers shared by the benchmark scripts: machine description, compact JSON, preset arguments,
+the TinyStories inputs in ../shared/data."""
 
 from __future__ import annotations
 
@@ -7,6 +8,34 @@ import json
 import os
 import platform
 import re
+import sys
+from pathlib import Path
+
+TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+
+
+def add_tinystories_args(p: argparse.ArgumentParser, valid_bytes: int | None = None) -> None:
+    """--train and --valid (the TinyStories heads), and --valid-bytes when given a default."""
+    p.add_argument("--train", default=str(TINYSTORIES / "tinystories_v1_train_head2MiB.txt"))
+    p.add_argument("--valid", default=str(TINYSTORIES / "tinystories_v1_valid_head.txt"))
+    if valid_bytes is not None:
+        p.add_argument("--valid-bytes", type=int, default=valid_bytes, help="score this many bytes of the valid head")
+
+
+def require_inputs(args: argparse.Namespace) -> None:
+    for path in (args.train, args.valid):
+        if not Path(path).exists():
+            sys.exit(f"missing {path}: this benchmark reads TinyStories from ../shared/data/tinystories")
+
+
+def validation_head(args: argparse.Namespace, directory: str) -> tuple[str, list[str]]:
+    """The whole stories (blank-line separated) in the first --valid-bytes of --valid, written to
+    directory/valid.txt -> (that path, the stories)."""
+    text = Path(args.valid).read_bytes()[:args.valid_bytes].decode("utf-8", errors="ignore")
+    stories = [d.strip() for d in text.split("\n\n") if d.strip()]
+    path = Path(directory) / "valid.txt"
+    path.write_text("\n\n".join(stories), encoding="utf-8")
+    return str(path), stories
 
 
 def cpu_name() -> str:

@@ -25,20 +25,17 @@ from pathlib import Path
 
 import torch
 
-from _common import cpu_name
+from _common import add_tinystories_args, cpu_name, require_inputs
 
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import ModelConfig
 from psann.lm.models import build_model, count_parameters
 from psann.lm.train.trainer import cpu_has_native_bf16
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train", default=str(DATA / "tinystories_v1_train_head2MiB.txt"))
-    p.add_argument("--valid", default=str(DATA / "tinystories_v1_valid_head.txt"))
+    add_tinystories_args(p)
     p.add_argument("--budget-s", type=float, default=100.0, help="training seconds per run")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3")
     p.add_argument("--bases", default="transformer,respsann,waveresnet")
@@ -109,9 +106,7 @@ def run(dp, config: ModelConfig, lr: float, steps: int, args, sine_params=None) 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    for path in (args.train, args.valid):
-        if not Path(path).exists():
-            sys.exit(f"missing {path}: this benchmark reads TinyStories from ../shared/data/tinystories")
+    require_inputs(args)
     logging.getLogger("psann.lm").setLevel(logging.WARNING)
     dp = psannLMDataPrep([args.train], tokenizer="tokenizers", vocab_size=args.vocab, max_length=args.seq,
                          doc_separator="<|endoftext|>", val_texts=[args.valid], seed=args.seed)

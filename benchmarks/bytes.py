@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from _common import cpu_name
+from _common import add_tinystories_args, cpu_name, require_inputs, validation_head
 
 from bases import seconds_per_step
 from psann.lm import psannLM, psannLMDataPrep
@@ -36,14 +36,13 @@ from psann.lm.models import build_model, count_parameters
 from psann.lm.models.scan import linear_scan, naive_linear_scan
 from psann.lm.train.trainer import cpu_has_native_bf16
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+
+VALID_BYTES = 200_000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train", default=str(DATA / "tinystories_v1_train_head2MiB.txt"))
-    p.add_argument("--valid", default=str(DATA / "tinystories_v1_valid_head.txt"))
-    p.add_argument("--valid-bytes", type=int, default=200_000, help="score this many bytes of the valid head")
+    add_tinystories_args(p, valid_bytes=VALID_BYTES)
     p.add_argument("--budget-s", type=float, default=600.0, help="training seconds per model")
     p.add_argument("--models", default="byte_transformer,byte_hgrn,hnet_transformer,hnet_hgrn,bpe_transformer")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -123,21 +122,17 @@ def train_and_score(name: str, kwargs: dict, dp, val_docs: list[str], steps: int
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    for path in (args.train, args.valid):
-        if not Path(path).exists():
-            sys.exit(f"missing {path}: this benchmark reads TinyStories from ../shared/data/tinystories")
+    require_inputs(args)
     logging.getLogger("psann.lm").setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    val_text = Path(args.valid).read_bytes()[:args.valid_bytes].decode("utf-8", errors="ignore")
-    val_docs = [d.strip() for d in val_text.split("\n\n") if d.strip()]
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "valid.txt").write_text("\n\n".join(val_docs), encoding="utf-8")
+        valid, val_docs = validation_head(args, tmp)
         data = {"byte": psannLMDataPrep([args.train], tokenizer="byte", max_length=args.seq_bytes,
-                                        doc_separator="<|endoftext|>", val_texts=[str(Path(tmp) / "valid.txt")])}
+                                        doc_separator="<|endoftext|>", val_texts=[valid])}
         bpe_seq = max(16, args.seq_bytes // 4)
         data["bpe"] = psannLMDataPrep([args.train], tokenizer="tokenizers", vocab_size=args.vocab, max_length=bpe_seq,
-                                      doc_separator="<|endoftext|>", val_texts=[str(Path(tmp) / "valid.txt")])
+                                      doc_separator="<|endoftext|>", val_texts=[valid])
     configs = model_configs(args)
     runs, models = [], {}
     for name in args.models.split(","):

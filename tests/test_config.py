@@ -83,5 +83,7 @@ def test_readme_documents_every_key():
 
 
 def test_example_configs_validate():
-    for path in (ROOT / "examples/lm/configs").glob("*.yaml"):
+    paths = [p for ext in ("yaml", "toml", "json") for p in (ROOT / "examples/lm/configs").glob(f"*.{ext}")]
+    assert {p.suffix for p in paths} == {".yaml", ".toml", ".json"}
+    for path in paths:
         load_config(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -17,10 +16,17 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
+    d = p.add_argument_group("diffusion models (block sampling)")
+    d.add_argument("--steps", type=int, help="denoising steps in all (default: max-new-tokens)")
+    d.add_argument("--block-length", type=int, help="tokens per semi-autoregressive block (divides max-new-tokens)")
+    d.add_argument("--remasking", choices=("low_confidence", "random"))
+    d.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (0 = off)")
+    d.add_argument("--suppress-eos", action="store_const", const=True, default=None, help="never sample EOS")
 
 
 def _generation_options(args) -> dict:
-    names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "steps",
+             "block_length", "remasking", "cfg_scale", "suppress_eos")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -40,7 +46,9 @@ def cmd_generate(args) -> int:
     if args.print_config:
         from psann.lm.config import GenerateConfig
 
-        print(json.dumps(GenerateConfig(**{**lm.generate_config.to_dict(), **options}).to_dict(), indent=2))
+        gen = GenerateConfig(**{**lm.generate_config.to_dict(), **options})
+        gen.check_objective(lm.model_config.objective)
+        print(json.dumps(gen.to_dict(), indent=2))
         return 0
     batch = [p for p in prompts for _ in range(args.num_samples)]
     for prompt, text in zip(batch, lm.generate_batch(batch, **options)):
@@ -48,7 +56,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-EVAL_COLUMNS = (("base", "base", "{}"), ("params", "parameters", "{:,}"), ("loss", "nats/token", "{:.4f}"),
+EVAL_COLUMNS = (("base", "base", "{}"), ("objective", "objective", "{}"), ("params", "parameters", "{:,}"),
+                ("loss", "nats/token", "{:.4f}"), ("nelbo_se", "+-", "{:.4f}"),
                 ("ppl", "ppl", "{:.2f}"), ("bits_per_byte", "BPB", "{:.4f}"), ("byte_ppl", "ppl/byte", "{:.3f}"),
                 ("accuracy", "acc", "{:.1%}"), ("top5_accuracy", "top-5", "{:.1%}"), ("utf8_valid", "UTF-8 ok", "{:.0%}"))
 
@@ -65,20 +74,25 @@ def cmd_eval(args) -> int:
     for ckpt in args.ckpt:  # the seed's compare_checkpoints: several checkpoints, one table
         model, tok, config = load_checkpoint(ckpt, args.device)
         docs = list(iter_documents(args.data, config.data.doc_separator))
+        diffusion = config.model.objective == "diffusion"
         metrics = evaluate_text(model, tok, docs, config.model.max_seq_len, args.batch_size, torch.device(args.device),
-                                samples=args.samples, sample_bytes=args.sample_bytes, seed=args.seed)
-        results.append({"ckpt": ckpt, "base": config.model.base, "tokenizer": tok.kind,
+                                samples=args.samples, sample_bytes=args.sample_bytes, seed=args.seed,
+                                mask_id=config.model.mask_token_id if diffusion else None, mc_draws=args.mc_draws)
+        results.append({"ckpt": ckpt, "base": config.model.base, "objective": config.model.objective, "tokenizer": tok.kind,
                         "params": count_parameters(model), "data": args.data, **metrics})
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return 0
     header = ["checkpoint"] + [title for _, title, _ in EVAL_COLUMNS]
-    rows = [[r["ckpt"]] + ["-" if r[key] is None else fmt.format(r[key]) for key, _, fmt in EVAL_COLUMNS] for r in results]
+    rows = [[r["ckpt"]] + ["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in EVAL_COLUMNS]
+            for r in results]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
     print(f"\n{results[0]['tokens']:,} target tokens of the first checkpoint's tokenizer over {results[0]['bytes']:,} "
           "bytes; BPB = summed cross-entropy / ln 2 / bytes, comparable across tokenizers.")
+    if any(r.get("bound") for r in results):
+        print("diffusion rows: nats/token, ppl and BPB are Monte-Carlo NELBO upper bounds (+- one standard error).")
     return 0
 
 
@@ -116,13 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(p)
 
     p = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of checkpoints on text files")
+    p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint directory (repeat to compare several)")
     p.add_argument("--data", nargs="+", required=True, help="text files")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, default=8, help="sampled continuations for the UTF-8 validity check (byte models)")
     p.add_argument("--sample-bytes", type=int, default=128, help="length of each sampled continuation")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling and masking seed")
+    p.add_argument("--mc-draws", type=int, default=16, help="diffusion models: Monte-Carlo draws per sequence of the NELBO")
     p.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several checkpoints)")
 
     from psann.lm.tokenizers.cli import add_parser as add_tokenizer_parser
@@ -132,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     from psann.lm.data.cli import add_parser as add_data_parser
 
     add_data_parser(sub)
+    for name, command in sub.choices.items():  # every command (and sub-command) can show what it would run with
+        parsers = [command]
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+        for p in parsers:
+            if not any("--print-config" in a.option_strings for a in p._actions):
+                p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
 
     p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample")
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
@@ -152,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, extra)
         if args.command == "demo":
             return cmd_demo(args, extra)
+        if args.print_config and args.command != "generate":  # generate resolves against its checkpoint
+            print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
+            return 0
         if args.command == "tokenizer":
             from psann.lm.tokenizers.cli import run as run_tokenizer
 

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .config import DataConfig, GenerateConfig, ModelConfig, RunConfig, TrainConfig
@@ -95,6 +96,41 @@ class psannLMDataPrep:
                  ", BOS-aligned" if bos_aligned else "")
         return self
 
+    @classmethod
+    def from_sft(cls, paths: Sequence[str | os.PathLike], tokenizer: str = "auto", tokenizer_model_path: str | None = None,
+                 max_length: int = 256, val_split: float = 0.1, seed: int = 1337, *, vocab_size: int | None = None,
+                 objective: str = "causal") -> "psannLMDataPrep":
+        """Supervised fine-tuning on JSONL prompt/response pairs (see data/sft.py): the loss covers
+        the responses; for objective "diffusion" responses are padded with EOS and prompts are
+        never masked. Fine-tuning a checkpoint: tokenizer_model_path=<checkpoint>/tokenizer."""
+        from .data.sft import SFTWindows, read_sft_jsonl
+
+        pairs = read_sft_jsonl(list(paths))
+        order = np.random.default_rng(seed).permutation(len(pairs))
+        n_val = int(round(val_split * len(pairs))) if len(pairs) > 1 else 0
+        val_pairs, train_pairs = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+        self = cls.__new__(cls)
+        self.config = DataConfig(sft_files=[str(p) for p in paths], tokenizer=tokenizer,
+                                 tokenizer_model_path=tokenizer_model_path, tokenizer_vocab_size=vocab_size,
+                                 max_length=max_length, val_split=val_split, seed=seed)
+        self.tokenizer = build_tokenizer(tokenizer, [p + "\n" + r for p, r in train_pairs], vocab_size=vocab_size,
+                                         model_path=tokenizer_model_path)
+        tok = self.tokenizer
+
+        def windows(subset):
+            encoded = [(tok.encode(p, add_bos=True), tok.encode(r, add_eos=True)) for p, r in subset]
+            return SFTWindows(encoded, max_length, tok.pad_id, tok.eos_id, eos_padding=objective == "diffusion")
+
+        self.train_windows = windows(train_pairs)
+        self.val_windows = windows(val_pairs) if val_pairs else None
+        if self.train_windows.skipped:
+            log.warning("data: %d SFT pair(s) dropped: their prompt fills max_length=%d tokens.",
+                        self.train_windows.skipped, max_length)
+        log.info("data: %d SFT pairs for training, %d for validation (%s response tokens); tokenizer %s (vocab %d)",
+                 len(self.train_windows), len(val_pairs), f"{self.train_windows.n_target_tokens:,}", tok.kind,
+                 tok.vocab_size)
+        return self
+
     @property
     def sampling(self) -> str:
         if self.config.sampling != "auto":
@@ -111,7 +147,11 @@ class psannLMDataPrep:
                            bos_aligned=self.config.bos_aligned, rank=rank, world_size=world_size)
 
     @classmethod
-    def from_config(cls, config: DataConfig) -> "psannLMDataPrep":
+    def from_config(cls, config: DataConfig, objective: str = "causal") -> "psannLMDataPrep":
+        if config.sft_files:
+            return cls.from_sft(config.sft_files, config.tokenizer, config.tokenizer_model_path, config.max_length,
+                                config.val_split, config.seed, vocab_size=config.tokenizer_vocab_size,
+                                objective=objective)
         if config.path:
             return cls.from_built(config.path, config.max_length, sampling=config.sampling,
                                   bos_aligned=config.bos_aligned, seed=config.seed)
@@ -180,6 +220,13 @@ class psannLM:
         if vocab < tokenizer.vocab_size:
             raise ConfigError(f"vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
                               "use vocab_size=dp.vocab_size (or leave it unset).")
+        if cfg.objective == "diffusion":  # the mask token: one id after the tokenizer's (or the one asked for)
+            mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else tokenizer.vocab_size
+            if mask_id in tokenizer.special_ids():
+                raise ConfigError(f"mask_token_id={mask_id} is the tokenizer's pad/bos/eos/unk id; leave it unset to "
+                                  "append a mask token after the vocabulary.")
+            vocab = max(vocab, mask_id + 1)
+            cfg = dataclasses.replace(cfg, mask_token_id=mask_id)
         self.model_config = dataclasses.replace(cfg, vocab_size=vocab, max_seq_len=cfg.max_seq_len or max_length)
         torch.manual_seed(seed)
         self.model = build_model(self.model_config)
@@ -204,8 +251,11 @@ class psannLM:
         base = self.generate_config.to_dict()
         GenerateConfig.check_keys(options)
         gen = GenerateConfig(**{**base, **options})
+        gen.check_objective(self.model_config.objective)
         tok = self.tokenizer
         encoded = [tok.encode(p, add_bos=True) for p in prompts]  # BOS only: a prompt never ends in EOS
+        if self.model_config.objective == "diffusion":
+            return self._diffusion_generate(encoded, gen)
 
         def stop_hit(row: int, new_ids: list[int]) -> bool:
             text = tok.decode(new_ids)
@@ -216,6 +266,26 @@ class psannLM:
         texts = [tok.decode(ids) for ids in new]
         if gen.stop:
             texts = [_cut_at_stop(t, gen.stop) for t in texts]
+        return texts
+
+    def _diffusion_generate(self, encoded: list[list[int]], gen: GenerateConfig) -> list[str]:
+        from .infer.diffusion import diffusion_generate
+
+        tok, cfg = self.tokenizer, self.model_config
+        if gen.max_new_tokens == 0:
+            return [""] * len(encoded)
+        keep = max(1, cfg.max_seq_len - gen.max_new_tokens)  # the prompt and the canvas share the context
+        if gen.max_new_tokens >= cfg.max_seq_len:
+            raise ConfigError(f"max_new_tokens={gen.max_new_tokens} leaves no room for the prompt in this model's "
+                              f"{cfg.max_seq_len}-token context; ask for fewer tokens.")
+        new = diffusion_generate(self.model, [p[-keep:] for p in encoded], mask_id=cfg.mask_token_id,
+                                 gen_length=gen.max_new_tokens, block_length=gen.block_length, steps=gen.steps,
+                                 temperature=gen.temperature, remasking=gen.remasking, cfg_scale=gen.cfg_scale,
+                                 suppress_ids=[tok.eos_id] if gen.suppress_eos else [], pad_id=tok.pad_id, seed=gen.seed)
+        texts = []
+        for ids in new:
+            ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            texts.append(_cut_at_stop(tok.decode(ids), gen.stop) if gen.stop else tok.decode(ids))
         return texts
 
     # -- persistence ---------------------------------------------------------------------------

@@ -187,7 +187,12 @@ class ModelConfig(_Validated):
     tie_embeddings: bool = _opt(True, "Share the token embedding with the output head.")
     dropout: float = _opt(0.0, "Dropout on attention weights and residual branches during training.", min=0.0, max=1.0)
     init_std: float = _opt(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
-    causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention.")
+    causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention (objective diffusion sets it false).")
+    objective: str = _opt("causal", "causal: next-token prediction; diffusion: a masked diffusion LM (bidirectional attention, a mask token after the tokenizer's ids, block-diffusion sampling).", choices=("causal", "diffusion"))
+    mask_token_id: int | None = _opt(None, "diffusion only: id of the mask token (default: the tokenizer's vocabulary size, i.e. one id appended after it).", min=0)
+    noise_epsilon: float = _opt(1e-3, "diffusion only: masking probability p = (1 - eps) t + eps, so no sequence goes unmasked and 1/p stays <= 1/eps.", min=0.0, max=1.0, min_exclusive=True)
+    random_trunc_prob: float = _opt(0.01, "diffusion only: probability that a training batch is cut to a random length in [1, max_length].", min=0.0, max=1.0)
+    t_sampling: str = _opt("stratified", "diffusion only: how the batch's noise levels t are drawn: uniform (independent), stratified ((i + u) / B), antithetic (t and 1 - t pairs).", choices=("uniform", "stratified", "antithetic"))
     sine_params: dict[str, Any] | None = _opt(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
     layer_type: str = _opt("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"))
     expand_ratio: int = _opt(1, "hgrn_bit only: width of the recurrence = expand_ratio * d_model.", min=1)
@@ -212,6 +217,7 @@ class ModelConfig(_Validated):
                 raise ConfigError(f"'model.{changed[0]}' only applies to base 'waveresnet' (base is '{self.base}'); "
                                   "remove it or set model.base=waveresnet.")
         self._check_byte_options()
+        self._check_diffusion_options()
         for width in self.widths:
             if width < 1:
                 raise ConfigError(f"'model.d_model' widths must be >= 1, got {self.d_model}.")
@@ -261,6 +267,23 @@ class ModelConfig(_Validated):
         if self.target_compression is not None and min(self.target_compression) <= 1:
             raise ConfigError(f"'model.target_compression' values must be > 1 (bytes per chunk), got {self.target_compression}.")
 
+    def _check_diffusion_options(self) -> None:
+        if self.objective == "diffusion":
+            if self.base == "hnet":
+                raise ConfigError("objective diffusion needs bidirectional attention over all positions; H-Net's "
+                                  "chunking is causal. Use base transformer, respsann, waveresnet or byte.")
+            if self.layer_type == "hgrn_bit":
+                raise ConfigError("objective diffusion needs bidirectional layers; hgrn_bit is a causal recurrence. "
+                                  "Use layer_type transformer.")
+            object.__setattr__(self, "causal", False)  # a denoiser sees the whole sequence
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [k for k in ("mask_token_id", "noise_epsilon", "random_trunc_prob", "t_sampling")
+                   if getattr(self, k) != defaults[k]]
+        if changed:
+            raise ConfigError(f"'model.{changed[0]}' only applies to objective 'diffusion'; remove it or set "
+                              "model.objective=diffusion.")
+
     @property
     def widths(self) -> list[int]:
         """Stage widths, outer to inner (one entry for every base but hnet)."""
@@ -307,8 +330,13 @@ class DataConfig(_Validated):
     path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
     sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path. random and sequential need data.path.", choices=("auto", "shuffle", "random", "sequential"))
     bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs data.path and sampling random or sequential).")
+    sft_files: list[str] = _opt(None, "Supervised fine-tuning: JSONL files of {\"prompt\", \"response\"} lines, instead of train_files; the loss covers responses only (diffusion: prompts never masked, responses padded with EOS).", factory=list)
 
     def check(self) -> None:
+        if self.sft_files:
+            clash = [k for k in ("train_files", "val_files", "path", "doc_separator") if getattr(self, k)]
+            if clash:
+                raise ConfigError(f"'data.sft_files' is a dataset of its own; remove {', '.join('data.' + k for k in clash)}.")
         if self.path is not None:
             clash = [k for k in ("train_files", "val_files", "tokenizer_model_path", "tokenizer_vocab_size", "doc_separator")
                      if getattr(self, k)] + (["tokenizer"] if self.tokenizer != "auto" else [])
@@ -358,6 +386,7 @@ class TrainConfig(_Validated):
     log_interval_steps: int = _opt(10, "Steps between metric log lines.", min=1)
     eval_interval_steps: int = _opt(200, "Steps between validation runs (0: only at the end).", min=0)
     eval_batches: int | None = _opt(None, "Cap on validation micro-batches per evaluation (default: the whole validation set).", min=1)
+    eval_mc_draws: int = _opt(4, "diffusion models: Monte-Carlo draws per sequence of the validation NELBO (val_loss is that bound).", min=1)
     save_interval_steps: int = _opt(0, "Steps between checkpoints (0: only best and final).", min=0)
     async_checkpoint: bool = _opt(False, "FSDP: write sharded step checkpoints in the background (torch.distributed.checkpoint.async_save).")
     progress: bool = _opt(True, "Show a progress bar (loss, lr, tok/s, ETA).")
@@ -381,6 +410,23 @@ class GenerateConfig(_Validated):
     repetition_penalty: float = _opt(1.0, "CTRL penalty for tokens already present (>1 discourages repeats).", min=0.0, min_exclusive=True)
     stop: list[str] = _opt(None, "Stop when any of these strings appears in the generated text.", factory=list)
     seed: int | None = _opt(None, "Sampling seed (default: nondeterministic).")
+    steps: int | None = _opt(None, "diffusion models: denoising steps in all (default: max_new_tokens, one token per step).", min=1)
+    block_length: int | None = _opt(None, "diffusion models: tokens per semi-autoregressive block; must divide max_new_tokens (default: one block).", min=1)
+    remasking: str = _opt("low_confidence", "diffusion models: which masked positions a step commits: low_confidence (most probable first) or random.", choices=("low_confidence", "random"))
+    cfg_scale: float = _opt(0.0, "diffusion models: classifier-free guidance scale w (logits = u + (w + 1)(c - u), prompt masked for u); 0 is off.", min=0.0)
+    suppress_eos: bool = _opt(False, "diffusion models: never sample EOS (fills all max_new_tokens).")
+
+    CAUSAL_ONLY: typing.ClassVar[tuple] = ("top_k", "top_p", "repetition_penalty")
+    DIFFUSION_ONLY: typing.ClassVar[tuple] = ("steps", "block_length", "remasking", "cfg_scale", "suppress_eos")
+
+    def check_objective(self, objective: str) -> None:
+        """Options of the other objective's sampler are errors, not silently ignored."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        other = self.CAUSAL_ONLY if objective == "diffusion" else self.DIFFUSION_ONLY
+        changed = [k for k in other if getattr(self, k) != defaults[k]]
+        if changed:
+            raise ConfigError(f"'generate.{changed[0]}' does not apply to a {objective} model's sampler; remove it. "
+                              f"({'Block diffusion takes steps, block_length, remasking, cfg_scale, suppress_eos.' if objective == 'diffusion' else 'Autoregressive sampling takes top_k, top_p, repetition_penalty.'})")
 
 
 SECTIONS: dict[str, type[_Validated]] = {

@@ -5,6 +5,7 @@ the attention residual). Dilation of layer i is growth ** (i % cycle).
 Causal by construction: the convolution is padded on the left only, and padding positions of a
 left-padded batch are zeroed before it, so they never leak into real tokens. For incremental
 decoding each wave block keeps its last (kernel - 1) * dilation normed inputs in the cache.
+Bidirectional models (model.causal false, as the diffusion objective sets) centre the kernel.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from .respsann import ResPSANNLM, siren_init_
 
 
 class WaveBlock(nn.Module):
-    def __init__(self, d_model: int, kernel: int, dilation: int, sine: SineConfig, norm_eps: float, layer_index: int):
+    def __init__(self, d_model: int, kernel: int, dilation: int, sine: SineConfig, norm_eps: float, layer_index: int,
+                 causal: bool = True):
         super().__init__()
-        self.layer_index, self.context = layer_index, (kernel - 1) * dilation
+        self.layer_index, self.context, self.causal = layer_index, (kernel - 1) * dilation, causal
         self.norm = RMSNorm(d_model, norm_eps)
         self.conv = nn.Conv1d(d_model, d_model, kernel, dilation=dilation, groups=d_model, bias=False)
         self.act = SineParam(d_model, sine)
@@ -38,8 +40,10 @@ class WaveBlock(nn.Module):
         if cache is not None:
             h = torch.cat([cache.states[self.layer_index], h], dim=-1)
             cache.states[self.layer_index] = h[..., h.shape[-1] - self.context:]
-        else:
+        elif self.causal:
             h = F.pad(h, (self.context, 0))
+        else:  # bidirectional models (diffusion): the kernel is centred on each position
+            h = F.pad(h, (self.context // 2, self.context - self.context // 2))
         return self.out(self.act(self.conv(h).transpose(1, 2)))
 
 
@@ -69,7 +73,8 @@ class WaveResNetLM(ResPSANNLM):
         cfg = self.config
         if cfg.wave_mode == "off":
             return super().make_block(layer_index)
-        wave = WaveBlock(cfg.d_model, cfg.wave_kernel_size, self.dilation(layer_index), self.sine, cfg.norm_eps, layer_index)
+        wave = WaveBlock(cfg.d_model, cfg.wave_kernel_size, self.dilation(layer_index), self.sine, cfg.norm_eps, layer_index,
+                         causal=cfg.causal)
         mlp = self.make_mlp(layer_index) if cfg.wave_mode == "interleave" else None
         return WaveDecoderBlock(cfg, layer_index, mlp, wave)
 

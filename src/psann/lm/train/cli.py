@@ -101,7 +101,7 @@ def run_train(config: RunConfig, manifest: str | None = None, out_ckpt: str | No
         config = resolve_run_config(config, info)
         if manifest:
             config = build_from_manifest(config, manifest, info)
-        dp = psannLMDataPrep.from_config(config.data)
+        dp = psannLMDataPrep.from_config(config.data, objective=config.model.objective)
         lm = psannLM(**config.model.to_dict())
         lm.generate_config = config.generate
         lm.fit(dp, **config.train.to_dict())

@@ -56,6 +56,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | Non
     return {
         "parameters": n_params,
         "flops_per_token": per_token,
+        "flops_formula": f"{type(model).__name__}.flops_per_token" if hasattr(model, "flops_per_token") else "6N + 12 L d T",
         "world_size": world_size,
         "sharding": train.fsdp if fsdp else ("ddp" if world_size > 1 else "none"),
         "micro_batch_windows": micro,
@@ -72,7 +73,7 @@ def describe(plan: dict) -> str:
     mem = plan["memory_gb_per_gpu"]
     lines = [
         f"parameters          {plan['parameters']:,}",
-        f"FLOPs per token     {plan['flops_per_token']:.4g}  (6N + 12 L d T)",
+        f"FLOPs per token     {plan['flops_per_token']:.4g}  ({plan['flops_formula']})",
         f"world size          {plan['world_size']} ({plan['sharding']}), micro-batch {plan['micro_batch_windows']} windows",
         "memory per GPU (GiB, estimate):",
         *(f"  {k:<17} {v:9.2f}" for k, v in mem.items()),

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, TrainConfig, dump_config
 from ..data.loader import TokenWindows, WindowLoader
 from ..errors import ConfigError
-from ..eval.evaluate import evaluate_loss_sum
-from ..objectives import causal_lm_loss_sum
+from ..data.sft import SFTWindows, response_positions
+from ..eval.evaluate import evaluate_loss_sum, evaluate_nelbo
+from ..objectives import DiffusionBatch, causal_lm_loss_sum, diffusion_batch, diffusion_loss_sum
 from ..report.metrics import MetricsLogger, plot_loss_curve
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed, teardown
@@ -270,18 +271,21 @@ class Trainer:
         ranks, so any split (accumulation, ranks) gives the same update as one large batch.
         An auxiliary loss (a per-micro-batch mean) is weighted by the micro-batch's targets, so it
         enters the step as a token-weighted mean beside the cross-entropy."""
-        batches = [self.loader.next_batch() for _ in range(self.plan.grad_accum_steps)]
-        n_local = sum(int((y != -100).sum()) for _, y in batches)
+        batches = [self._objective_batch(*self.loader.next_batch()) for _ in range(self.plan.grad_accum_steps)]
+        n_local = sum(n for _, _, n in batches)
         n_global = all_reduce_sum([n_local], self.dist, self.device)[0]
         # DDP and FSDP average gradients over ranks; scale back up so the result is sum / n_global.
         scale = self.dist.world_size / max(1.0, n_global)
         total, aux_sums = 0.0, {}
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for i, (x, y, n) in enumerate(batches):
+            x = x.to(self.device, non_blocking=True)
             with no_grad_sync(self.train_model, self.mode, last_micro_step=i == len(batches) - 1):
                 with self._autocast():
                     logits, aux = self._forward(x)
-                loss_sum, n = causal_lm_loss_sum(logits, y, self.cfg.label_smoothing)
+                if isinstance(y, DiffusionBatch):
+                    loss_sum = diffusion_loss_sum(logits, y)
+                else:
+                    loss_sum, _ = causal_lm_loss_sum(logits, y.to(self.device, non_blocking=True), self.cfg.label_smoothing)
                 objective = loss_sum if aux is None else loss_sum + aux["loss"] * n
                 self.scaler.scale(objective * scale).backward()
             total += float(loss_sum.detach())
@@ -299,11 +303,37 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, n_local, grad_norm, aux_sums
 
+    def _objective_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, object, int]:
+        """(model input, what the loss compares against, tokens the step's loss is normalised by):
+        the shifted labels for causal models; a noised batch for diffusion (the masks come from the
+        global RNG, whose state checkpoints carry, so resumes are exact)."""
+        model = self.config.model
+        if model.objective != "diffusion":
+            return x, y, int((y != -100).sum())
+        if isinstance(self.train_windows, SFTWindows):  # fine-tuning: only response tokens are ever masked
+            maskable = response_positions(y)
+        else:
+            pad = self.tokenizer.pad_id
+            maskable = x != pad if bool((x == pad).any()) else None
+        noised = diffusion_batch(x, mask_id=model.mask_token_id, eps=model.noise_epsilon, t_sampling=model.t_sampling,
+                                 trunc_prob=model.random_trunc_prob, maskable=maskable)
+        return noised.inputs, noised, noised.n_tokens
+
     # -- evaluation and checkpoints --------------------------------------------------------------
     def evaluate(self) -> dict | None:
         if self.val_windows is None:
             return None
         eval_model = self.train_model if self.mode == "fsdp" else self.model  # FSDP must gather its shards
+        if self.config.model.objective == "diffusion":
+            # the Monte-Carlo NELBO (an upper bound on the NLL), same masks at every evaluation
+            r = evaluate_nelbo(eval_model, self.val_windows, self.plan.micro_batch_size, self.device,
+                               mask_id=self.config.model.mask_token_id, draws=self.cfg.eval_mc_draws, seed=self.cfg.seed,
+                               pad_id=self.tokenizer.pad_id, max_batches=self.cfg.eval_batches, autocast=self._autocast,
+                               rank=self.dist.rank, world_size=self.dist.world_size)
+            total, n, var = all_reduce_sum([r["nelbo_sum"], r["tokens"], r["variance"]], self.dist, self.device)
+            loss = total / max(1.0, n)
+            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(n),
+                    "val_nelbo_se": math.sqrt(var) / max(1.0, n)}
         total, n = evaluate_loss_sum(eval_model, self.val_windows, self.plan.micro_batch_size, self.device,
                                      self._autocast, self.cfg.eval_batches, self.dist.rank, self.dist.world_size)
         total, n = all_reduce_sum([total, n], self.dist, self.device)
@@ -365,7 +395,9 @@ class Trainer:
             log.info("device %s, precision %s, parallelism %s; %s", self.device,
                      str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
                      f"{self.mode} x {self.dist.world_size}" if self.mode != "none" else "none", self.plan.describe())
-            log.info("%.3g FLOPs/token (6N + 12 L d T); peak %.1f TFLOP/s per device (%s)", self.flops_per_token,
+            formula = (f"{type(self.model).__name__}.flops_per_token" if hasattr(self.model, "flops_per_token")
+                       else "6N + 12 L d T")
+            log.info("%.3g FLOPs/token (%s); peak %.1f TFLOP/s per device (%s)", self.flops_per_token, formula,
                      self.peak_tflops, self.peak_source)
         barrier(self.dist)
         metrics = MetricsLogger(self.run_dir) if main else None

@@ -1,0 +1,124 @@
+"""Autoregressive vs masked diffusion at matched compute: how far is the diffusion bound from the AR loss?
+
+Same Transformer size, same data (TinyStories train head / valid head from ../shared/data), same
+BPE tokenizer, same wall-clock budget on this machine (steps calibrated per objective from a short
+run of the real training loop), same LR and schedule shape. The causal model is scored by its
+validation loss; the diffusion model by its Monte-Carlo NELBO (an upper bound on its NLL; fixed
+seed, stratified t, standard error printed). Both also in bits per byte of the validation text.
+The peer is the causal model, measured in the same run; the ratio is exp(NELBO) / exp(AR loss),
+the perplexity gap (published anchor: MDLM within about 1.15-1.3x of AR). Prints one JSON object
+with samples from both.
+
+    python benchmarks/diffusion_vs_ar.py                 # 300 s per model, ~15 min on 2 cores
+    python benchmarks/diffusion_vs_ar.py --budget-s 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import add_tinystories_args, cpu_name, require_inputs, validation_head
+
+from bases import seconds_per_step
+from psann.lm import psannLM, psannLMDataPrep
+from psann.lm.config import ModelConfig
+from psann.lm.eval.evaluate import evaluate_counts, evaluate_nelbo
+from psann.lm.models import count_parameters
+from psann.lm.train.trainer import cpu_has_native_bf16
+
+
+VALID_BYTES = 300_000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_tinystories_args(p, valid_bytes=VALID_BYTES)
+    p.add_argument("--budget-s", type=float, default=300.0)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--mc-draws", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    require_inputs(args)
+    logging.getLogger("psann.lm").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        valid, val_docs = validation_head(args, tmp)
+        dp = psannLMDataPrep([args.train], tokenizer="tokenizers", vocab_size=args.vocab, max_length=args.seq,
+                             doc_separator="<|endoftext|>", val_texts=[valid], seed=args.seed)
+    val_bytes = len("\n\n".join(val_docs).encode("utf-8"))
+    common = dict(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
+    runs = {}
+    for objective in ("causal", "diffusion"):
+        extra = {"objective": "diffusion", "mask_token_id": dp.vocab_size} if objective == "diffusion" else {}
+        vocab = dp.vocab_size + (objective == "diffusion")
+        cfg = ModelConfig(**common, **extra, vocab_size=vocab, max_seq_len=args.seq)
+        step_s = seconds_per_step(dp, {objective: cfg}, argparse.Namespace(batch_tokens=args.batch_tokens))[objective]
+        steps = max(10, int(args.budget_s / step_s))
+        lm = psannLM(**common, **({"objective": "diffusion"} if objective == "diffusion" else {}))
+        with tempfile.TemporaryDirectory() as out:
+            lm.fit(dp, max_steps=steps, batch_tokens=args.batch_tokens, lr=args.lr, warmup_steps=max(1, steps // 20),
+                   eval_interval_steps=0, log_interval_steps=max(1, steps // 20), progress=False, plot=False,
+                   checkpoint_dir=out, seed=args.seed, eval_batches=1)
+            train = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"train"' in line]
+        device = torch.device("cpu")
+        if objective == "causal":
+            counts = evaluate_counts(lm.model, dp.val_windows, 16, device)
+            total, n, se = counts["loss_sum"], counts["targets"], 0.0
+        else:
+            r = evaluate_nelbo(lm.model, dp.val_windows, 16, device, mask_id=lm.model_config.mask_token_id,
+                               draws=args.mc_draws, seed=args.seed, pad_id=dp.tokenizer.pad_id)
+            total, n, se = r["nelbo_sum"], r["tokens"], math.sqrt(r["variance"]) / r["tokens"]
+        loss = total / n
+        sample_opts = {"temperature": 0.8, "seed": args.seed, "max_new_tokens": 48}
+        if objective == "diffusion":
+            sample_opts.update(block_length=16, steps=48)
+        else:
+            sample_opts.update(top_k=40)
+        runs[objective] = {
+            "params": count_parameters(lm.model), "calibrated_s_per_step": round(step_s, 4), "steps": steps,
+            "tokens": lm.last_run["tokens_seen"], "train_s": round(train[-1]["elapsed_s"], 1),
+            "final_train_loss": round(train[-1]["loss"], 4),
+            "val_nats_per_token": round(loss, 4), "val_nats_per_token_se": round(se, 4),
+            "val_bpb": round(total / math.log(2) / val_bytes, 4), "val_ppl": round(math.exp(loss), 2),
+            "val_tokens": n, "bound": objective == "diffusion",
+            "samples": [lm.generate(p, **sample_opts) for p in ("Once upon a time", "The little dog")],
+        }
+        print(json.dumps(runs[objective]), file=sys.stderr)
+    ar, diff = runs["causal"], runs["diffusion"]
+    print(json.dumps({
+        "question": __doc__.split("\n")[0],
+        "data": {"train": args.train, "valid": f"{args.valid} (first {args.valid_bytes:,} bytes, {len(val_docs)} stories)",
+                 "valid_bytes": val_bytes, "tokenizer": f"byte-level BPE (tokenizers), vocab {dp.vocab_size}"},
+        "setup": {**common, "seq": args.seq, "batch_tokens": args.batch_tokens, "budget_s": args.budget_s,
+                  "lr": args.lr, "schedule": "warmup 5%, cosine to lr/10", "mc_draws": args.mc_draws,
+                  "diffusion": "eps 1e-3, random_trunc_prob 0.01, stratified t",
+                  "precision": "bf16 autocast" if cpu_has_native_bf16() else "fp32",
+                  "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__},
+        "runs": runs,
+        "ppl_ratio_diffusion_bound_vs_ar": round(math.exp(diff["val_nats_per_token"] - ar["val_nats_per_token"]), 3),
+        "bpb_ratio": round(diff["val_bpb"] / ar["val_bpb"], 4),
+        "total_s": round(time.perf_counter() - started, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
