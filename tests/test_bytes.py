@@ -327,7 +327,7 @@ def test_seed_config_trains_from_the_command_line_and_eval_compares_checkpoints(
     assert psannlm(["eval", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--data", str(text), "--samples", "2",
                     "--sample-bytes", "16"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:3] == ["checkpoint", "base", "parameters"] and "BPB" in table[0]
+    assert table[0].split()[:4] == ["checkpoint", "base", "objective", "parameters"] and "BPB" in table[0]
     assert table[2].startswith(ckpts[0]) and " hnet " in table[2] and table[3].startswith(ckpts[1])
     assert psannlm(["eval", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--data", str(text), "--samples", "2",
                     "--sample-bytes", "16", "--json"]) == 0

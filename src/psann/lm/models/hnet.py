@@ -174,12 +174,13 @@ class HNetStage(nn.Module):
         p = torch.where(start, torch.ones_like(p), p)
         b = p > 0.5
         chunks, index = chunk(h, b)
-        chunk_real = torch.arange(chunks.shape[1], device=x.device)[None] < b.sum(1)[:, None]
+        keep = real if real is not None else torch.ones_like(b)
+        # padding sits at the end of a row, so a row's real chunks are its first (b & keep).sum()
+        chunk_real = torch.arange(chunks.shape[1], device=x.device)[None] < (b & keep).sum(1)[:, None]
         z, inner_stats = self.inner(self._widen(chunks), real=chunk_real)
         upsampled = dechunk(z[..., :self.width], p, b, index)
         c = torch.where(b, p, 1 - p)
         y = upsampled * straight_through_one(c)[..., None].to(upsampled.dtype) + self._residual(h)
-        keep = real if real is not None else torch.ones_like(b)
         stats = {"ratio_loss": ratio_loss(b[keep], p[keep], self.target),
                  "compression": keep.sum() / b[keep].sum().clamp_min(1)}
         return self.decoder(y), [stats, *inner_stats]
