@@ -274,19 +274,16 @@ class psannLM:
         tok, cfg = self.tokenizer, self.model_config
         if gen.max_new_tokens == 0:
             return [""] * len(encoded)
-        keep = max(1, cfg.max_seq_len - gen.max_new_tokens)  # the prompt and the canvas share the context
         if gen.max_new_tokens >= cfg.max_seq_len:
             raise ConfigError(f"max_new_tokens={gen.max_new_tokens} leaves no room for the prompt in this model's "
                               f"{cfg.max_seq_len}-token context; ask for fewer tokens.")
+        keep = cfg.max_seq_len - gen.max_new_tokens  # the prompt and the canvas share the context
         new = diffusion_generate(self.model, [p[-keep:] for p in encoded], mask_id=cfg.mask_token_id,
                                  gen_length=gen.max_new_tokens, block_length=gen.block_length, steps=gen.steps,
                                  temperature=gen.temperature, remasking=gen.remasking, cfg_scale=gen.cfg_scale,
-                                 suppress_ids=[tok.eos_id] if gen.suppress_eos else [], pad_id=tok.pad_id, seed=gen.seed)
-        texts = []
-        for ids in new:
-            ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
-            texts.append(_cut_at_stop(tok.decode(ids), gen.stop) if gen.stop else tok.decode(ids))
-        return texts
+                                 suppress_ids=[tok.eos_id] if gen.suppress_eos else [], pad_id=tok.pad_id,
+                                 eos_id=tok.eos_id, seed=gen.seed)
+        return [_cut_at_stop(tok.decode(ids), gen.stop) for ids in new]
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

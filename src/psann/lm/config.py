@@ -52,6 +52,16 @@ class _Validated:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    def changed(self, keys: typing.Iterable[str]) -> list[str]:
+        """The keys among `keys` set to something other than their default (options that must not
+        be given where they do not apply)."""
+        defaults = self.defaults()
+        return [k for k in keys if getattr(self, k) != defaults[k]]
+
+    @classmethod
     def check_keys(cls, keys: typing.Iterable[str]) -> None:
         """Unknown keys are errors that suggest the closest valid one."""
         names = [f.name for f in dataclasses.fields(cls)]
@@ -169,6 +179,10 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"'{key}' must be <= {hi}, got {value}.")
 
 
+# Model keys that only base hnet takes.
+HNET_ONLY = ("num_blocks", "target_compression", "ratio_loss_weight", "stage_lr_mult")
+
+
 @dataclass
 class ModelConfig(_Validated):
     section: typing.ClassVar[str] = "model"
@@ -210,9 +224,8 @@ class ModelConfig(_Validated):
             from psann.sine import SineConfig
 
             SineConfig.from_dict(self.sine_params)  # validate every key now, whatever the source
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("wave_")}
         if self.base != "waveresnet":
-            changed = [k for k, v in defaults.items() if getattr(self, k) != v]
+            changed = self.changed(k for k in self.defaults() if k.startswith("wave_"))
             if changed:
                 raise ConfigError(f"'model.{changed[0]}' only applies to base 'waveresnet' (base is '{self.base}'); "
                                   "remove it or set model.base=waveresnet.")
@@ -229,10 +242,8 @@ class ModelConfig(_Validated):
             raise ConfigError(f"'model.n_heads' ({self.n_heads}) must be divisible by 'model.n_kv_heads' ({self.n_kv_heads}).")
 
     def _check_byte_options(self) -> None:
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        hnet_only = ("num_blocks", "target_compression", "ratio_loss_weight", "stage_lr_mult")
         if self.base != "hnet":
-            changed = [k for k in hnet_only if getattr(self, k) != defaults[k]]
+            changed = self.changed(HNET_ONLY)
             if changed:
                 raise ConfigError(f"'model.{changed[0]}' only applies to base 'hnet' (base is '{self.base}'); "
                                   "remove it or set model.base=hnet.")
@@ -242,7 +253,7 @@ class ModelConfig(_Validated):
         if self.base not in ("byte", "hnet") and self.layer_type != "transformer":
             raise ConfigError(f"'model.layer_type={self.layer_type}' is for the byte-level bases byte and hnet "
                               f"(base is '{self.base}').")
-        if self.layer_type != "hgrn_bit" and self.expand_ratio != defaults["expand_ratio"]:
+        if self.layer_type != "hgrn_bit" and self.changed(["expand_ratio"]):
             raise ConfigError("'model.expand_ratio' only applies to layer_type hgrn_bit; remove it or set model.layer_type=hgrn_bit.")
         if self.base != "hnet":
             return
@@ -257,7 +268,7 @@ class ModelConfig(_Validated):
             raise ConfigError(f"'model.num_blocks[-1]' is the innermost stage: [main blocks], got {blocks[-1]}.")
         if any(b < a for a, b in zip(widths, widths[1:])):
             raise ConfigError(f"'model.d_model' stage widths must not shrink towards the inside, got {widths}.")
-        if self.n_layers != defaults["n_layers"]:
+        if self.changed(["n_layers"]):
             raise ConfigError("base 'hnet' takes its depth from model.num_blocks; remove model.n_layers.")
         levels = len(widths) - 1
         for key, n in (("target_compression", levels), ("stage_lr_mult", len(widths))):
@@ -277,9 +288,7 @@ class ModelConfig(_Validated):
                                   "Use layer_type transformer.")
             object.__setattr__(self, "causal", False)  # a denoiser sees the whole sequence
             return
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = [k for k in ("mask_token_id", "noise_epsilon", "random_trunc_prob", "t_sampling")
-                   if getattr(self, k) != defaults[k]]
+        changed = self.changed(("mask_token_id", "noise_epsilon", "random_trunc_prob", "t_sampling"))
         if changed:
             raise ConfigError(f"'model.{changed[0]}' only applies to objective 'diffusion'; remove it or set "
                               "model.objective=diffusion.")
@@ -421,9 +430,7 @@ class GenerateConfig(_Validated):
 
     def check_objective(self, objective: str) -> None:
         """Options of the other objective's sampler are errors, not silently ignored."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        other = self.CAUSAL_ONLY if objective == "diffusion" else self.DIFFUSION_ONLY
-        changed = [k for k in other if getattr(self, k) != defaults[k]]
+        changed = self.changed(self.CAUSAL_ONLY if objective == "diffusion" else self.DIFFUSION_ONLY)
         if changed:
             raise ConfigError(f"'generate.{changed[0]}' does not apply to a {objective} model's sampler; remove it. "
                               f"({'Block diffusion takes steps, block_length, remasking, cfg_scale, suppress_eos.' if objective == 'diffusion' else 'Autoregressive sampling takes top_k, top_p, repetition_penalty.'})")

@@ -17,6 +17,22 @@ from ..data.sft import SFTWindows, response_positions
 from ..objectives import causal_lm_loss_sum
 
 
+def rank_batches(windows: TokenWindows, batch_size: int, max_batches: int | None, rank: int, world_size: int):
+    """This rank's share of `windows` (every world_size-th one) in batches -> (x, y, real rows).
+    All ranks get the same number of equally sized batches, as sharded models need: a short last
+    batch is padded with copies of window 0 after its `real` rows, which callers must not count."""
+    mine = np.arange(rank, len(windows), world_size)
+    per_rank = math.ceil(len(windows) / world_size)
+    n_batches = math.ceil(per_rank / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        size = min(batch_size, per_rank - b * batch_size)  # the same on every rank
+        x, y = windows.batch(np.concatenate([idx, np.zeros(size - len(idx), np.int64)]))
+        yield x, y, len(idx)
+
+
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, windows: TokenWindows, batch_size: int, device: torch.device,
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -26,18 +42,9 @@ def evaluate_counts(model: nn.Module, windows: TokenWindows, batch_size: int, de
     models need: a short last batch is padded with a window whose targets are ignored."""
     was_training = model.training
     model.eval()
-    mine = np.arange(rank, len(windows), world_size)
-    per_rank = math.ceil(len(windows) / world_size)
-    n_batches = math.ceil(per_rank / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
     counts = {"loss_sum": 0.0, "targets": 0, "top1": 0, "top5": 0}
-    for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        size = min(batch_size, per_rank - b * batch_size)  # the same on every rank
-        padded = np.concatenate([idx, np.zeros(size - len(idx), np.int64)])
-        x, y = windows.batch(padded)
-        y[len(idx):] = IGNORE_INDEX
+    for x, y, n_real in rank_batches(windows, batch_size, max_batches, rank, world_size):
+        y[n_real:] = IGNORE_INDEX
         with autocast():
             logits = model(x.to(device))
         y = y.to(device)
@@ -86,22 +93,13 @@ def evaluate_nelbo(model: nn.Module, windows: TokenWindows, batch_size: int, dev
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    mine = np.arange(rank, len(windows), world_size)
-    per_rank = math.ceil(len(windows) / world_size)
-    n_batches = math.ceil(per_rank / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
     total, tokens, variance = 0.0, 0, 0.0
-    for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        size = min(batch_size, per_rank - b * batch_size)  # the same on every rank (sharded models)
-        padded = np.concatenate([idx, np.zeros(size - len(idx), np.int64)])
-        x, y = windows.batch(padded)
+    for x, y, n_real in rank_batches(windows, batch_size, max_batches, rank, world_size):
         if isinstance(windows, SFTWindows):  # fine-tuning data: the bound of the responses given their prompts
             real = response_positions(y)
         else:
             real = torch.ones(x.shape, dtype=torch.bool) if pad_id is None else x != pad_id
-        real[len(idx):] = False  # the padding window of a short last batch
+        real[n_real:] = False  # the padding windows of a short last batch
         u = torch.rand(len(x), generator=generator)
         scores = torch.zeros(len(x), draws, dtype=torch.float64)
         for d in range(draws):
@@ -116,7 +114,7 @@ def evaluate_nelbo(model: nn.Module, windows: TokenWindows, batch_size: int, dev
         total += float(scores.mean(1).sum())
         tokens += int(real.sum())
         if draws > 1:
-            variance += float((scores.var(1, unbiased=True) / draws)[:len(idx)].sum())
+            variance += float((scores.var(1, unbiased=True) / draws)[:n_real].sum())
     model.train(was_training)
     return {"nelbo_sum": total, "tokens": tokens, "variance": variance}
 
@@ -181,8 +179,7 @@ def evaluate_text(model: nn.Module, tokenizer, docs: Sequence[str], max_length: 
             from ..infer.diffusion import diffusion_generate
 
             new = diffusion_generate(model, prompts, mask_id=mask_id, gen_length=sample_bytes, temperature=1.0,
-                                     pad_id=tokenizer.pad_id, seed=seed)
-            new = [ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids for ids in new]
+                                     pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, seed=seed)
         special = tokenizer.special_ids()
         result["utf8_valid"] = utf8_validity([bytes(i for i in ids if i not in special) for ids in new])
     return result

@@ -36,10 +36,6 @@ def commit_plan(masked: int, steps: int) -> list[int]:
     return [base + (i < extra) for i in range(steps)]
 
 
-def steps_per_block(steps: int, blocks: int) -> list[int]:
-    return commit_plan(steps, blocks)
-
-
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """argmax(logits + temperature * Gumbel) in float64 (float32 Gumbel noise is coarse enough to
     bias low-probability tokens); temperature 0 is the plain argmax."""
@@ -55,10 +51,11 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
 def diffusion_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, mask_id: int, gen_length: int,
                        block_length: int | None = None, steps: int | None = None, temperature: float = 0.0,
                        remasking: str = "low_confidence", cfg_scale: float = 0.0, suppress_ids: Sequence[int] = (),
-                       pad_id: int = 0, seed: int | None = None, reuse_logits: bool = True,
+                       pad_id: int = 0, eos_id: int | None = None, seed: int | None = None, reuse_logits: bool = True,
                        stats: DiffusionSampleStats | None = None) -> list[list[int]]:
     """The gen_length tokens sampled after each prompt (left-padded batch, bidirectional attention
-    with the padding masked). `suppress_ids` are never sampled (the mask token always is)."""
+    with the padding masked), each cut before its first `eos_id`. `suppress_ids` are never
+    sampled (nor is the mask token)."""
     block_length = block_length or gen_length
     steps = steps or gen_length
     if gen_length < 1 or gen_length % block_length:
@@ -99,7 +96,7 @@ def diffusion_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, ma
         logits[..., banned] = float("-inf")
         return logits
 
-    for block, block_steps in enumerate(steps_per_block(steps, n_blocks)):
+    for block, block_steps in enumerate(commit_plan(steps, n_blocks)):  # steps per block, split like commits
         start, end = width + block * block_length, width + (block + 1) * block_length
         for k in commit_plan(block_length, block_steps):
             stats.steps += 1
@@ -122,4 +119,5 @@ def diffusion_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, ma
             chosen = confidence.topk(k, dim=-1).indices
             x.scatter_(1, chosen, candidates.gather(1, chosen))
     model.train(was_training)
-    return x[:, width:].tolist()
+    rows = x[:, width:].tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]

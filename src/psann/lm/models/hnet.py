@@ -28,20 +28,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import HNET_ONLY, ModelConfig
 from ..errors import ConfigError
 from ..tokenizers.byte import BOS_ID
 from .byte import make_byte_block, new_block_cache
 from .layers import KVCache, RMSNorm, RotaryEmbedding, init_weights, run_blocks
 from .scan import linear_scan
 
-HNET_ONLY = ("num_blocks", "target_compression", "ratio_loss_weight", "stage_lr_mult")
-
-
 def stage_config(config: ModelConfig, width: int, n_layers: int) -> ModelConfig:
     """The flat config of the blocks of one stage (width `width`; n_layers scales the init)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in HNET_ONLY}
-    return dataclasses.replace(config, base="byte", d_model=width, n_layers=max(1, n_layers), **defaults)
+    defaults = ModelConfig.defaults()
+    return dataclasses.replace(config, base="byte", d_model=width, n_layers=max(1, n_layers),
+                               **{k: defaults[k] for k in HNET_ONLY})
 
 
 class Stack(nn.Module):
