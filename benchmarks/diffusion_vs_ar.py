@@ -6,8 +6,9 @@ run of the real training loop), same LR and schedule shape. The causal model is 
 validation loss; the diffusion model by its Monte-Carlo NELBO (an upper bound on its NLL; fixed
 seed, stratified t, standard error printed). Both also in bits per byte of the validation text.
 The peer is the causal model, measured in the same run; the ratio is exp(NELBO) / exp(AR loss),
-the perplexity gap (published anchor: MDLM within about 1.15-1.3x of AR). Prints one JSON object
-with samples from both.
+the perplexity gap (published anchor: MDLM within about 1.15-1.3x of AR). Also the validation
+cross-entropy of the training unigram distribution, the floor of a model that ignores context.
+Prints one JSON object with samples from both.
 
     python benchmarks/diffusion_vs_ar.py                 # 300 s per model, ~15 min on 2 cores
     python benchmarks/diffusion_vs_ar.py --budget-s 600
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from _common import add_tinystories_args, cpu_name, require_inputs, validation_head
@@ -65,6 +67,9 @@ def main(argv=None) -> None:
         dp = psannLMDataPrep([args.train], tokenizer="tokenizers", vocab_size=args.vocab, max_length=args.seq,
                              doc_separator="<|endoftext|>", val_texts=[valid], seed=args.seed)
     val_bytes = len("\n\n".join(val_docs).encode("utf-8"))
+    # The floor a model reaches from token frequencies alone (add-one smoothed train unigram).
+    counts = np.bincount(np.asarray(dp.train_corpus.tokens), minlength=dp.vocab_size) + 1
+    unigram = float(-np.log(counts / counts.sum())[np.asarray(dp.val_corpus.tokens)].mean())
     common = dict(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
     runs = {}
     for objective in ("causal", "diffusion"):
@@ -114,6 +119,7 @@ def main(argv=None) -> None:
                   "precision": "bf16 autocast" if cpu_has_native_bf16() else "fp32",
                   "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__},
         "runs": runs,
+        "unigram_val_nats_per_token": round(unigram, 4),
         "ppl_ratio_diffusion_bound_vs_ar": round(math.exp(diff["val_nats_per_token"] - ar["val_nats_per_token"]), 3),
         "bpb_ratio": round(diff["val_bpb"] / ar["val_bpb"], 4),
         "total_s": round(time.perf_counter() - started, 1),
