@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 from pathlib import Path
+
+from psann.lm.report.system import cpu_model as cpu_name  # noqa: F401  (the benchmarks' JSON names the CPU)
 
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
 
@@ -36,17 +37,6 @@ def validation_head(args: argparse.Namespace, directory: str) -> tuple[str, list
     path = Path(directory) / "valid.txt"
     path.write_text("\n\n".join(stories), encoding="utf-8")
     return str(path), stories
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def to_json(obj) -> str:

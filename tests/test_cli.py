@@ -83,11 +83,15 @@ def test_print_config_and_errors():
 def test_demo_smoke(tmp_path):
     proc = run("-m", "psann.cli", "demo", "--out", str(tmp_path / "demo"), "--corpus-bytes", "200000",
                "--train.max_steps=6", "--train.eval_interval_steps=3", "--generate.max_new_tokens=10",
-               "--train.progress=false")
+               "--train.progress=false", "--chat", "4")
     assert "=== samples ===" in proc.stdout and "validation loss" in proc.stdout
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert summary["steps"] == 6 and summary["corpus_bytes"] >= 200000
     assert (tmp_path / "demo" / "loss_curve.png").exists()
+    # --chat: fine-tuned on story requests, then a two-turn conversation
+    assert proc.stdout.count("assistant> ") == 2 and "user> Tell me a story about Lily" in proc.stdout
+    chat = json.loads((Path(summary["chat_checkpoint"]) / "config.json").read_text())["config"]
+    assert chat["train"]["max_steps"] == 4 and chat["data"]["sft_files"][0].endswith("demo_chat.jsonl")
 
 
 def test_console_script_entry_point():

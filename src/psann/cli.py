@@ -1,4 +1,4 @@
-"""The `psannlm` command: train, generate, eval, tokenizer, data and demo (each maps onto a module of psann.lm)."""
+"""The `psannlm` command: train, generate, chat, eval, bench, report, tokenizer, data and demo (each maps onto a module of psann.lm)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,25 @@ def _generation_options(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def cmd_chat(args) -> int:
+    from psann.lm import psannLM
+    from psann.lm.infer.chat import ChatSession, chat_loop
+
+    lm = psannLM.load(args.ckpt, device=args.device)
+    session = ChatSession(lm, system=getattr(args, "system", None), **_generation_options(args))
+    if args.print_config:
+        print(json.dumps(session.settings.to_dict(), indent=2))
+        return 0
+    return chat_loop(session)
+
+
 def cmd_generate(args) -> int:
     from psann.lm import psannLM
 
+    if args.interactive:
+        if args.prompt or args.prompt_file:
+            raise SystemExit("error: --interactive reads messages from the terminal; drop --prompt/--prompt-file.")
+        return cmd_chat(args)
     prompts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -96,6 +112,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_form(form: str, argv: list[str]) -> int:
+    """`psannlm eval harness ...` (lm-eval) and `psannlm eval mc ...`: sub-forms with their own options."""
+    if form == "mc":
+        from psann.lm.eval.mc import main as run
+    else:
+        try:
+            from psann.lm.eval.harness import main as run
+        except ImportError as exc:  # lm-eval is an optional extra
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return run(argv, prog=f"psannlm eval {form}")
+
+
 def cmd_train(args, extra) -> int:
     from psann.lm.train.cli import main as train_main
 
@@ -106,7 +135,8 @@ def cmd_train(args, extra) -> int:
 def cmd_demo(args, extra) -> int:
     from psann.lm.demo import run_demo
 
-    return run_demo(out=args.out, corpus_bytes=args.corpus_bytes, overrides=extra, print_config=args.print_config)
+    return run_demo(out=args.out, corpus_bytes=args.corpus_bytes, overrides=extra, print_config=args.print_config,
+                    chat_steps=args.chat_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,11 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompt-file", help="file with one prompt per line")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--interactive", action="store_true", help="chat in the terminal (same as psannlm chat)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--print-config", action="store_true", help="print the resolved generation settings and exit")
     _generation_args(p)
 
-    p = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of checkpoints on text files")
+    p = sub.add_parser("chat", help="talk to a checkpoint in the terminal (multi-turn, streamed replies, /commands)")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--system", help="system message that opens the conversation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--print-config", action="store_true", help="print the resolved generation settings and exit")
+    _generation_args(p)
+
+    p = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of checkpoints on text files; "
+                       "also `eval mc` (multiple-choice JSONL) and `eval harness` (lm-eval)")
     p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint directory (repeat to compare several)")
     p.add_argument("--data", nargs="+", required=True, help="text files")
@@ -148,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     from psann.lm.data.cli import add_parser as add_data_parser
 
     add_data_parser(sub)
+
+    from psann.lm.report.html import add_parser as add_report_parser
+    from psann.lm.report.suite import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    add_report_parser(sub)
     for name, command in sub.choices.items():  # every command (and sub-command) can show what it would run with
         parsers = [command]
         for action in command._actions:
@@ -160,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample")
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
     p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="size of the generated corpus")
+    p.add_argument("--chat", dest="chat_steps", type=int, nargs="?", const=150, default=0, metavar="STEPS",
+                   help="then fine-tune for chat on generated story requests (default 150 steps) and talk to it")
     p.add_argument("--print-config", action="store_true")
     return parser
 
@@ -167,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from psann.lm.errors import PsannError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"] and argv[1:2] in (["harness"], ["mc"]):  # before argparse: `eval` alone needs --ckpt/--data
+        try:
+            return cmd_eval_form(argv[1], argv[2:])
+        except PsannError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo"):
@@ -176,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, extra)
         if args.command == "demo":
             return cmd_demo(args, extra)
-        if args.print_config and args.command != "generate":  # generate resolves against its checkpoint
+        if args.command == "bench":  # prints its settings resolved from the scale presets
+            from psann.lm.report.suite import run as run_bench
+
+            return run_bench(args)
+        if args.print_config and args.command not in ("generate", "chat"):  # these resolve against the checkpoint
             print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
             return 0
         if args.command == "tokenizer":
@@ -187,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             from psann.lm.data.cli import run as run_data
 
             return run_data(args)
-        return {"generate": cmd_generate, "eval": cmd_eval}[args.command](args)
+        if args.command == "report":
+            from psann.lm.report.html import run as run_report
+
+            return run_report(args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[args.command](args)
     except PsannError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -100,34 +100,35 @@ class psannLMDataPrep:
     def from_sft(cls, paths: Sequence[str | os.PathLike], tokenizer: str = "auto", tokenizer_model_path: str | None = None,
                  max_length: int = 256, val_split: float = 0.1, seed: int = 1337, *, vocab_size: int | None = None,
                  objective: str = "causal") -> "psannLMDataPrep":
-        """Supervised fine-tuning on JSONL prompt/response pairs (see data/sft.py): the loss covers
-        the responses; for objective "diffusion" responses are padded with EOS and prompts are
-        never masked. Fine-tuning a checkpoint: tokenizer_model_path=<checkpoint>/tokenizer."""
-        from .data.sft import SFTWindows, read_sft_jsonl
+        """Supervised fine-tuning on JSONL prompt/response pairs or chat conversations (see data/sft.py):
+        the loss covers the answers (assistant turns, rendered with the tokenizer's chat template); for
+        objective "diffusion" answers are padded with EOS and the rest is never masked. Fine-tuning a
+        checkpoint: tokenizer_model_path=<checkpoint>/tokenizer."""
+        from .data.sft import SFTWindows, encode_example, example_text, read_sft_jsonl
 
-        pairs = read_sft_jsonl(list(paths))
-        order = np.random.default_rng(seed).permutation(len(pairs))
-        n_val = int(round(val_split * len(pairs))) if len(pairs) > 1 else 0
-        val_pairs, train_pairs = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+        examples = read_sft_jsonl(list(paths))
+        order = np.random.default_rng(seed).permutation(len(examples))
+        n_val = int(round(val_split * len(examples))) if len(examples) > 1 else 0
+        val_examples, train_examples = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
         self = cls.__new__(cls)
         self.config = DataConfig(sft_files=[str(p) for p in paths], tokenizer=tokenizer,
                                  tokenizer_model_path=tokenizer_model_path, tokenizer_vocab_size=vocab_size,
                                  max_length=max_length, val_split=val_split, seed=seed)
-        self.tokenizer = build_tokenizer(tokenizer, [p + "\n" + r for p, r in train_pairs], vocab_size=vocab_size,
+        self.tokenizer = build_tokenizer(tokenizer, [example_text(e) for e in train_examples], vocab_size=vocab_size,
                                          model_path=tokenizer_model_path)
         tok = self.tokenizer
 
         def windows(subset):
-            encoded = [(tok.encode(p, add_bos=True), tok.encode(r, add_eos=True)) for p, r in subset]
-            return SFTWindows(encoded, max_length, tok.pad_id, tok.eos_id, eos_padding=objective == "diffusion")
+            return SFTWindows([encode_example(tok, e) for e in subset], max_length, tok.pad_id, tok.eos_id,
+                              eos_padding=objective == "diffusion")
 
-        self.train_windows = windows(train_pairs)
-        self.val_windows = windows(val_pairs) if val_pairs else None
+        self.train_windows = windows(train_examples)
+        self.val_windows = windows(val_examples) if val_examples else None
         if self.train_windows.skipped:
-            log.warning("data: %d SFT pair(s) dropped: their prompt fills max_length=%d tokens.",
+            log.warning("data: %d SFT example(s) dropped: no answer token fits in max_length=%d tokens.",
                         self.train_windows.skipped, max_length)
-        log.info("data: %d SFT pairs for training, %d for validation (%s response tokens); tokenizer %s (vocab %d)",
-                 len(self.train_windows), len(val_pairs), f"{self.train_windows.n_target_tokens:,}", tok.kind,
+        log.info("data: %d SFT examples for training, %d for validation (%s answer tokens); tokenizer %s (vocab %d)",
+                 len(self.train_windows), len(val_examples), f"{self.train_windows.n_target_tokens:,}", tok.kind,
                  tok.vocab_size)
         return self
 
@@ -245,30 +246,53 @@ class psannLM:
 
     def generate_batch(self, prompts: Sequence[str], **options) -> list[str]:
         """Continue several prompts at once (left-padded); each row equals its single-prompt result."""
-        self._require_model()
         if isinstance(prompts, str):
             raise TypeError("generate_batch takes a list of prompts; use generate() for one string.")
-        base = self.generate_config.to_dict()
-        GenerateConfig.check_keys(options)
-        gen = GenerateConfig(**{**base, **options})
-        gen.check_objective(self.model_config.objective)
+        self._require_model()
         tok = self.tokenizer
         encoded = [tok.encode(p, add_bos=True) for p in prompts]  # BOS only: a prompt never ends in EOS
-        if self.model_config.objective == "diffusion":
-            return self._diffusion_generate(encoded, gen)
+        return self.complete_ids(encoded, self.generation_settings(**options))
 
-        def stop_hit(row: int, new_ids: list[int]) -> bool:
+    def chat(self, messages: Sequence[dict], **options) -> str:
+        """The assistant's reply to a conversation ``[{"role": "user", "content": ...}, ...]``, rendered
+        with the tokenizer's chat template; the reply ends at the end-of-turn token or EOS."""
+        self._require_model()
+        tok = self.tokenizer
+        prompt = [tok.bos_id, *tok.apply_chat_template(messages, add_generation_prompt=True)]
+        return self.complete_ids([prompt], self.generation_settings(**options), stop_ids=tok.chat_stop_ids)[0]
+
+    def generation_settings(self, **options) -> GenerateConfig:
+        """The saved generation defaults with `options` applied, checked against the model's objective."""
+        GenerateConfig.check_keys(options)
+        gen = GenerateConfig(**{**self.generate_config.to_dict(), **options})
+        gen.check_objective(self.model_config.objective)
+        return gen
+
+    def complete_ids(self, encoded: list[list[int]], gen: GenerateConfig, *, stop_ids: set[int] = frozenset(),
+                     on_text: Callable[[int, str], None] | None = None) -> list[str]:
+        """Text generated after each token-id prompt. A row ends at EOS, at any of `stop_ids` (not
+        included) or at a `gen.stop` string (cut); `on_text(row, text_so_far)` streams causal rows."""
+        tok = self.tokenizer
+        if self.model_config.objective == "diffusion":
+            texts = self._diffusion_generate(encoded, gen, stop_ids)
+            for row, text in enumerate(texts if on_text else ()):
+                on_text(row, text)
+            return texts
+
+        def should_stop(row: int, new_ids: list[int]) -> bool:
+            if new_ids[-1] in stop_ids:
+                return True
             text = tok.decode(new_ids)
+            if on_text is not None:
+                on_text(row, text)
             return any(s in text for s in gen.stop)
 
+        watch = bool(gen.stop or stop_ids or on_text)
         new = generate_tokens(self.model, encoded, gen, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                              max_seq_len=self.model_config.max_seq_len, should_stop=stop_hit if gen.stop else None)
-        texts = [tok.decode(ids) for ids in new]
-        if gen.stop:
-            texts = [_cut_at_stop(t, gen.stop) for t in texts]
-        return texts
+                              max_seq_len=self.model_config.max_seq_len, should_stop=should_stop if watch else None)
+        return [_cut_at_stop(tok.decode(_cut_at_ids(ids, stop_ids)), gen.stop) for ids in new]
 
-    def _diffusion_generate(self, encoded: list[list[int]], gen: GenerateConfig) -> list[str]:
+    def _diffusion_generate(self, encoded: list[list[int]], gen: GenerateConfig, stop_ids: set[int]) -> list[str]:
         from .infer.diffusion import diffusion_generate
 
         tok, cfg = self.tokenizer, self.model_config
@@ -283,7 +307,7 @@ class psannLM:
                                  temperature=gen.temperature, remasking=gen.remasking, cfg_scale=gen.cfg_scale,
                                  suppress_ids=[tok.eos_id] if gen.suppress_eos else [], pad_id=tok.pad_id,
                                  eos_id=tok.eos_id, seed=gen.seed)
-        return [_cut_at_stop(tok.decode(ids), gen.stop) for ids in new]
+        return [_cut_at_stop(tok.decode(_cut_at_ids(ids, stop_ids)), gen.stop) for ids in new]
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -304,6 +328,10 @@ class psannLM:
     def num_parameters(self) -> int:
         self._require_model()
         return count_parameters(self.model)
+
+
+def _cut_at_ids(ids: list[int], stop_ids: set[int]) -> list[int]:
+    return next((ids[:i] for i, t in enumerate(ids) if t in stop_ids), ids)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError, did_you_mean
+from .report.loggers import WANDB_MODES, check_logger_names
 from .tokenizers import TOKENIZER_KINDS
 
 
@@ -339,7 +340,7 @@ class DataConfig(_Validated):
     path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
     sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path. random and sequential need data.path.", choices=("auto", "shuffle", "random", "sequential"))
     bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs data.path and sampling random or sequential).")
-    sft_files: list[str] = _opt(None, "Supervised fine-tuning: JSONL files of {\"prompt\", \"response\"} lines, instead of train_files; the loss covers responses only (diffusion: prompts never masked, responses padded with EOS).", factory=list)
+    sft_files: list[str] = _opt(None, "Supervised fine-tuning: JSONL files of {\"prompt\", \"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]} lines (rendered with the tokenizer's chat template), instead of train_files; the loss covers responses / assistant turns only (diffusion: the rest never masked, answers padded with EOS). With train.init_from the checkpoint's tokenizer is used.", factory=list)
 
     def check(self) -> None:
         if self.sft_files:
@@ -399,9 +400,23 @@ class TrainConfig(_Validated):
     save_interval_steps: int = _opt(0, "Steps between checkpoints (0: only best and final).", min=0)
     async_checkpoint: bool = _opt(False, "FSDP: write sharded step checkpoints in the background (torch.distributed.checkpoint.async_save).")
     progress: bool = _opt(True, "Show a progress bar (loss, lr, tok/s, ETA).")
-    plot: bool = _opt(True, "Write loss_curve.png at the end of the run (needs matplotlib: pip install psann-lm[viz]).")
+    plot: bool = _opt(True, "Write loss_curve.png at the end of the run from metrics.jsonl (needs jsonl in loggers, and matplotlib: pip install psann-lm[viz]).")
+    loggers: list[str] = _opt(None, "Where metrics go (rank 0 only), any of: console (a line per log interval and evaluation; the bar is `progress`), jsonl (metrics.jsonl), csv (metrics.csv, a column per metric), tensorboard (event files in the run directory's tensorboard/; pip install 'psann-lm[tensorboard]'), wandb (a Weights & Biases run with the config, files in the run directory's wandb/; pip install 'psann-lm[wandb]').", factory=lambda: ["console", "jsonl", "csv"])
+    wandb_project: str = _opt("psann-lm", "wandb only: the W&B project.")
+    wandb_run_name: str | None = _opt(None, "wandb only: the W&B run name (default: the run directory's name).")
+    wandb_mode: str = _opt("offline", "wandb only: offline (files only, no network; upload later with `wandb sync`), online, or disabled (W&B does nothing).", choices=WANDB_MODES)
+
+    WANDB_ONLY: typing.ClassVar[tuple] = ("wandb_project", "wandb_run_name", "wandb_mode")
 
     def check(self) -> None:
+        check_logger_names(self.loggers)
+        changed = self.changed(self.WANDB_ONLY)
+        if changed and "wandb" not in self.loggers:
+            raise ConfigError(f"'train.{changed[0]}' only applies to the wandb logger, which train.loggers leaves out; "
+                              "remove it or add wandb to train.loggers.")
+        if self.plot and "jsonl" not in self.loggers:
+            raise ConfigError("'train.plot' draws loss_curve.png from metrics.jsonl, which train.loggers leaves out; "
+                              "add jsonl to train.loggers or set train.plot=false.")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"'train.min_lr' ({self.min_lr}) must not exceed 'train.lr' ({self.lr}).")
         for b in self.betas:

@@ -31,8 +31,33 @@ def demo_config_values(corpus_path: str, run_dir: str) -> dict:
     }
 
 
+CHAT_REQUESTS = ("Tell me a story about Lily, a little girl.", "Now one about a young fox called Pip, please.")
+
+
+def chat_demo(lm, run_dir: Path, steps: int, progress: bool = True, seed: int = 0) -> dict:
+    """Fine-tune the demo model on generated story requests (loss on the assistant turns only),
+    then hold a two-turn conversation with it."""
+    from .api import psannLMDataPrep
+    from .data.demo_corpus import generate_conversations
+    from .infer.chat import ChatSession
+
+    path = run_dir / "data" / "demo_chat.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(c) + "\n" for c in generate_conversations(4000, seed)), encoding="utf-8")
+    tmp.replace(path)
+    dp = psannLMDataPrep.from_sft([path], tokenizer_model_path=str(run_dir / "checkpoints" / "final" / "tokenizer"),
+                                  max_length=lm.model_config.max_seq_len, val_split=0.02, seed=seed)
+    lm.fit(dp, max_steps=steps, batch_tokens=4096, lr=1e-3, warmup_steps=10, eval_interval_steps=steps,
+           eval_batches=20, log_interval_steps=25, checkpoint_dir=str(run_dir / "chat"), progress=progress)
+    print("\n=== chat (after fine-tuning on story requests) ===")
+    session = ChatSession(lm, temperature=0.7, top_p=0.95, max_new_tokens=lm.model_config.max_seq_len // 2, seed=seed)
+    for request in CHAT_REQUESTS:
+        print(f"\nuser> {request}\nassistant> {session.send(request)}")
+    return {"chat_val_loss": lm.last_run.get("val_loss"), "chat_checkpoint": lm.last_run["final_checkpoint"]}
+
+
 def run_demo(out: str | None = None, corpus_bytes: int = 3_000_000, overrides: list[str] = (),
-             print_config: bool = False) -> int:
+             print_config: bool = False, chat_steps: int = 0) -> int:
     from .api import psannLM, psannLMDataPrep
 
     run_dir = Path(out) if out else Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S")
@@ -61,9 +86,13 @@ def run_demo(out: str | None = None, corpus_bytes: int = 3_000_000, overrides: l
     if "val_loss" in summary:
         print(f"validation loss {summary['val_loss']:.3f} nats/token (perplexity {summary['val_ppl']:.1f}); "
               f"a uniform guess over {dp.vocab_size} tokens scores {uniform:.3f} (perplexity {dp.vocab_size}).")
+    if chat_steps:
+        summary.update(chat_demo(lm, run_dir, chat_steps, progress=config.train.progress))
     summary.update({"demo_corpus_version": DEMO_CORPUS_VERSION, "corpus_bytes": info["bytes"],
                     "parameters": lm.num_parameters(), "total_s": round(time.perf_counter() - started, 1)})
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"run directory: {run_dir} (checkpoints/, metrics.jsonl, metrics.csv, loss_curve.png, demo_summary.json)")
     print(f"try: psannlm generate --ckpt {summary['final_checkpoint']} --prompt 'Once upon a time'")
+    if chat_steps:
+        print(f"     psannlm chat --ckpt {summary['chat_checkpoint']}")
     return 0

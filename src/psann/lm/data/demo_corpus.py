@@ -453,6 +453,10 @@ def _cast(rng: random.Random, scenario: str) -> dict[str, str]:
 
 def generate_story(rng: random.Random) -> str:
     """Return one short story (a single paragraph) drawn from ``rng``."""
+    return _story_and_cast(rng)[0]
+
+
+def _story_and_cast(rng: random.Random) -> tuple[str, dict[str, str]]:
     scenario = rng.choice(SCENARIO_NAMES)
     v = _cast(rng, scenario)
 
@@ -484,7 +488,27 @@ def generate_story(rng: random.Random) -> str:
                 pick("explain_fear"), pick(".resolve"), pick(".end")]
     if rng.random() < 0.7:
         out.append(rng.choice(TEMPLATES.get(scenario + ".moral", TEMPLATES["moral_help"])))
-    return _capitalise(" ".join(_render(t, v) for t in out))
+    return _capitalise(" ".join(_render(t, v) for t in out)), v
+
+
+REQUESTS = ("Tell me a story about {Name}, {a_kind}.", "Can you tell me a story about {a_kind} called {Name}?",
+            "Please tell me a story about {Name}.", "I want a story about {a_kind} named {Name}.")
+ANOTHER = ("Tell me another one, about {Name}.", "Now one about {a_kind} called {Name}, please.")
+
+
+def generate_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Chat examples for fine-tuning the demo model: a request for a story about a named hero and
+    the story; one in three asks for a second story in a second turn."""
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(n):
+        messages = []
+        for asks in (REQUESTS, ANOTHER)[:1 + (rng.random() < 1 / 3)]:
+            story, cast = _story_and_cast(rng)
+            messages += [{"role": "user", "content": rng.choice(asks).format(**cast)},
+                         {"role": "assistant", "content": story}]
+        conversations.append({"messages": messages})
+    return conversations
 
 
 def generate_stories(n_stories: int, seed: int = 0) -> list[str]:

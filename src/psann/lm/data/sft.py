@@ -1,10 +1,14 @@
-"""Supervised fine-tuning data: prompt/response pairs as fixed windows whose loss covers the response.
+"""Supervised fine-tuning data: prompt/response pairs and chat conversations, as fixed windows
+whose loss covers the answers.
 
-A JSONL file holds one `{"prompt": ..., "response": ...}` object per line. Each pair becomes
-[BOS prompt response EOS], cut to max_length + 1 tokens from the right, then padded. Causal
-models: prompt targets and padding are IGNORE_INDEX. Diffusion models (`eos_padding`): the
-window is padded with EOS and those EOS count as response tokens (the model learns where an
-answer ends); the objective never masks the prompt (see `response_positions`).
+A JSONL line is either `{"prompt": ..., "response": ...}` or a conversation
+`{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`.
+A pair becomes [BOS prompt response EOS]; a conversation is rendered by the tokenizer's chat
+template (BOS first) and only the assistant turns (their content and end-of-turn marker) are
+targets. Each example is cut to max_length + 1 tokens from the right, then padded. Causal
+models: other targets and padding are IGNORE_INDEX. Diffusion models (`eos_padding`): the
+window is padded with EOS and those EOS count as answer tokens (the model learns where an
+answer ends); the objective never masks the rest (see `response_positions`).
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ from ..errors import DataError
 from .loader import IGNORE_INDEX
 
 
-def read_sft_jsonl(paths: list[str | os.PathLike]) -> list[tuple[str, str]]:
-    pairs = []
+Example = tuple[str, str] | list[dict[str, str]]  # a (prompt, response) pair or a conversation
+
+
+def read_sft_jsonl(paths: list[str | os.PathLike]) -> list[Example]:
+    from ..tokenizers.chat import check_messages
+
+    examples: list[Example] = []
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"SFT file not found: {path}. Give JSONL files with one {{\"prompt\", \"response\"}} per line.")
+            raise DataError(f"SFT file not found: {path}. Give JSONL files with one {{\"prompt\", \"response\"}} or "
+                            "{\"messages\": [...]} object per line.")
         for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
@@ -33,37 +43,95 @@ def read_sft_jsonl(paths: list[str | os.PathLike]) -> list[tuple[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}).") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            if isinstance(row, dict) and "messages" in row:
+                try:
+                    messages = check_messages(row["messages"])
+                except DataError as exc:
+                    raise DataError(f"{path}:{number}: {exc}") from exc
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise DataError(f"{path}:{number}: the conversation has no assistant message to learn from.")
+                examples.append(messages)
+            elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+                examples.append((row["prompt"], row["response"]))
+            else:
                 raise DataError(f"{path}:{number}: each line must be an object with string fields \"prompt\" and "
-                                f"\"response\", got {line[:80]!r}.")
-            pairs.append((row["prompt"], row["response"]))
-    if not pairs:
-        raise DataError(f"no prompt/response pairs in {', '.join(map(str, paths))}.")
-    return pairs
+                                f"\"response\", or a \"messages\" list, got {line[:80]!r}.")
+    if not examples:
+        raise DataError(f"no prompt/response pairs or conversations in {', '.join(map(str, paths))}.")
+    return examples
+
+
+def example_text(example: Example) -> str:
+    """Plain text of an example (to train a tokenizer on)."""
+    if isinstance(example, tuple):
+        return "\n".join(example)
+    return "\n".join(m["content"] for m in example)
+
+
+def encode_conversation(tok, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """BOS + the rendered conversation, and which of those tokens are assistant output.
+
+    Rendered turn by turn: the text each message adds to the conversation is encoded on its own,
+    and an assistant message's part after the generation prompt is the target. Chat generation
+    encodes the prompt up to the generation prompt the same way, so training and inference agree."""
+    ids, trainable = [tok.bos_id], [False]
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            opened = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+            _append(tok, ids, trainable, _suffix(opened, done), False)
+            done = opened
+        text = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+        _append(tok, ids, trainable, _suffix(text, done), message["role"] == "assistant")
+        done = text
+    return ids, trainable
+
+
+def _suffix(text: str, prefix: str) -> str:
+    if not text.startswith(prefix):
+        raise DataError("the chat template renders a conversation differently from its beginning (the text of "
+                        "messages[:i] is not a prefix of messages[:i+1]), so assistant turns cannot be located; "
+                        "use a template that appends one message at a time.")
+    return text[len(prefix):]
+
+
+def _append(tok, ids: list[int], trainable: list[bool], text: str, target: bool) -> None:
+    piece = tok.encode_rendered(text)
+    ids.extend(piece)
+    trainable.extend([target] * len(piece))
+
+
+def encode_example(tok, example: Example) -> tuple[list[int], list[bool]]:
+    if isinstance(example, tuple):
+        prompt, response = tok.encode(example[0], add_bos=True), tok.encode(example[1], add_eos=True)
+        return prompt + response, [False] * len(prompt) + [True] * len(response)
+    return encode_conversation(tok, example)
 
 
 class SFTWindows:
-    """The window interface of TokenWindows (len, batch, max_length) over prompt/response pairs."""
+    """The window interface of TokenWindows (len, batch, max_length) over encoded examples:
+    (ids, trainable) where trainable[j] says whether ids[j] is a target."""
 
-    def __init__(self, pairs: list[tuple[list[int], list[int]]], max_length: int, pad_id: int, eos_id: int,
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], max_length: int, pad_id: int, eos_id: int,
                  eos_padding: bool):
         self.max_length, self.pad_id, self.eos_id, self.eos_padding = max_length, pad_id, eos_id, eos_padding
-        self.rows: list[tuple[np.ndarray, int]] = []
-        for prompt, response in pairs:
-            if len(prompt) >= max_length:  # no room for a response target
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+        for ids, trainable in examples:
+            target = np.asarray(trainable[:max_length + 1], dtype=bool)
+            if not target[1:].any():  # no answer token inside the window
                 continue
-            ids = np.asarray(prompt + response, dtype=np.int64)[:max_length + 1]
-            self.rows.append((ids, len(prompt)))
-        self.skipped = len(pairs) - len(self.rows)
+            self.rows.append((np.asarray(ids[:max_length + 1], dtype=np.int64), target))
+        self.skipped = len(examples) - len(self.rows)
         if not self.rows:
-            raise DataError(f"every prompt is at least max_length ({max_length}) tokens; raise data.max_length.")
+            raise DataError(f"no example has an answer token within max_length ({max_length}) tokens; "
+                            "raise data.max_length.")
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def n_target_tokens(self) -> int:
-        return sum(len(ids) - prompt for ids, prompt in self.rows)
+        return sum(int(target[1:].sum()) for _, target in self.rows)
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.max_length
@@ -71,11 +139,11 @@ class SFTWindows:
         x = torch.full((len(indices), L), fill, dtype=torch.long)
         y = torch.full((len(indices), L), self.eos_id if self.eos_padding else IGNORE_INDEX, dtype=torch.long)
         for row, i in enumerate(indices):
-            ids, prompt = self.rows[int(i)]
+            ids, target = self.rows[int(i)]
             w = torch.from_numpy(ids)
-            x[row, :len(w) - 1] = w[:-1]
-            y[row, :len(w) - 1] = w[1:]
-            y[row, :prompt - 1] = IGNORE_INDEX  # targets that are still prompt tokens
+            n = len(w) - 1
+            x[row, :n] = w[:-1]
+            y[row, :n] = torch.where(torch.from_numpy(target[1:]), w[1:], IGNORE_INDEX)
         return x, y
 
 

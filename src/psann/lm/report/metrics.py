@@ -1,46 +1,30 @@
-"""Run metrics: one JSON line and one CSV row per record, and a loss-curve plot at the end."""
+"""Reading a run's metrics.jsonl back, and the loss-curve plot drawn from it (the writers are in loggers.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 from pathlib import Path
 
+from ..errors import DataError
+
 log = logging.getLogger("psann.lm")
-
-CSV_FIELDS = ("kind", "step", "epoch", "tokens", "loss", "val_loss", "val_ppl", "lr", "grad_norm", "tok_per_s", "tflops_per_device", "mfu",
-              "peak_mem_gb", "elapsed_s")
-
-
-class MetricsLogger:
-    """Appends to metrics.jsonl and metrics.csv in the run directory (resumed runs keep appending)."""
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.jsonl_path = Path(run_dir) / "metrics.jsonl"
-        self.csv_path = Path(run_dir) / "metrics.csv"
-        new_csv = not self.csv_path.exists()
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-        self._csv_file = open(self.csv_path, "a", encoding="utf-8", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new_csv:
-            self._csv.writeheader()
-
-    def log(self, record: dict) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        self._csv.writerow(record)
-        self._csv_file.flush()
-
-    def close(self) -> None:
-        self._jsonl.close()
-        self._csv_file.close()
 
 
 def read_metrics(jsonl_path: str | os.PathLike) -> list[dict]:
-    with open(jsonl_path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """metrics.jsonl -> records, naming the file and line of a bad line."""
+    path = Path(jsonl_path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); the run may have been cut off while "
+                            "writing: delete that line and try again.") from exc
+    return records
 
 
 def plot_loss_curve(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> Path | None:

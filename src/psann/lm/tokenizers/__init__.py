@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 from ..errors import CheckpointError, ConfigError, DataError, unknown_choice
 from .base import META_FILE, Tokenizer, TokenizerFileNotFoundError, read_meta
+from .chat import CONFIG_FILE as CHAT_CONFIG_FILE
+from .chat import read_chat_template
 from .bpe_train import train_bpe
 from .byte import ByteTokenizer
 from .char import CharTokenizer
@@ -146,6 +148,7 @@ def _load_model_path(kind: str, path: Path) -> Tokenizer:
                 f"directory '{path}' holds no tokenizer: expected {META_FILE}, tokenizer.json, "
                 "tokenizer.model, or vocab.json + merges.txt in it"
             )
+        tok.chat_template = read_chat_template(path)  # an external tokenizer's own template, if it has one
     elif path.suffix == ".model":
         tok = _backend_class("sentencepiece").from_model_file(path)  # type: ignore[attr-defined]
     elif path.suffix == ".json":
@@ -173,7 +176,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
             f"'{Path(directory) / META_FILE}' names tokenizer kind {kind!r}, which this psann "
             f"does not know (known: {', '.join(sorted(_BACKENDS))}); upgrade psann or re-save it"
         )
-    return _backend_class(kind).load(directory)
+    tok = _backend_class(kind).load(directory)
+    tok.chat_template = read_chat_template(directory)
+    return tok
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
@@ -185,7 +190,8 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     digest = hashlib.sha256()
     with tempfile.TemporaryDirectory(prefix="psann-tok-") as tmp:
         tok.save(tmp)
-        for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+        # The chat template changes how conversations are rendered, not how text maps to ids.
+        for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file() and p.name != CHAT_CONFIG_FILE):
             data = file.read_bytes()
             digest.update(file.relative_to(tmp).as_posix().encode("utf-8") + b"\0")
             digest.update(len(data).to_bytes(8, "little") + data)

@@ -33,10 +33,13 @@ import regex
 from ..errors import CheckpointError, DataError
 from .base import Tokenizer, check_against_meta, read_meta, require_file
 from .bpe_train import GPT2_PATTERN, train_bpe
+from .chat import CHAT_TOKENS
 from .gpt2_bytes import str_to_token, token_to_str
 
 DEFAULT_VOCAB_SIZE = 8000
-TRAIN_SPECIALS = ("<|endoftext|>", "<|bos|>", "<|pad|>")  # eos, bos, pad
+# eos, bos, pad, then the chat role tokens: reserved now so that a pretrained model can be
+# fine-tuned for chat without growing its vocabulary.
+TRAIN_SPECIALS = ("<|endoftext|>", "<|bos|>", "<|pad|>", *CHAT_TOKENS)
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"

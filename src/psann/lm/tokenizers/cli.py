@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=int, required=True, help="total size: specials + 256 bytes + merges")
     t.add_argument("--special-token", action="append", default=None,
                    help="special token (repeatable; default <|endoftext|>)")
+    t.add_argument("--no-chat-tokens", dest="chat_tokens", action="store_false",
+                   help="do not reserve the chat role tokens <|system|> <|user|> <|assistant|> <|end|>")
     t.add_argument("--pattern", choices=("gpt2", "gpt4"), default="gpt2", help="pre-tokenisation regex")
     t.add_argument("--num-workers", type=int, default=None, help="pre-tokenisation processes (default: all cores)")
     t.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json, ...")
@@ -52,7 +54,9 @@ def _train(args) -> int:
     from .bpe import BPETokenizer
     from .bpe_train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
 
-    specials = args.special_token or ["<|endoftext|>"]
+    from .chat import CHAT_TOKENS
+
+    specials = list(dict.fromkeys((args.special_token or ["<|endoftext|>"]) + list(CHAT_TOKENS if args.chat_tokens else ())))
     pattern = GPT4_PATTERN if args.pattern == "gpt4" else GPT2_PATTERN
     start = time.perf_counter()
     vocab, merges = train_bpe(args.input, args.vocab_size, specials, pattern=pattern, num_workers=args.num_workers)

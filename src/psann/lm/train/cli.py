@@ -79,8 +79,17 @@ def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
     from .trainer import new_run_dir
 
     info = info or DistInfo()
-    train, data = config.train, config.data
-    if config.model.base in BYTE_BASES and data.tokenizer == "auto" and not (data.tokenizer_model_path or data.path):
+    train, data, model = config.train, config.data, config.model
+    if train.init_from and not train.resume_from:
+        from ..config import ModelConfig
+        from .checkpoint import read_checkpoint_config
+
+        start = read_checkpoint_config(train.init_from).model
+        mine = model.changed([f.name for f in dataclasses.fields(ModelConfig)])
+        model = ModelConfig(**{**start.to_dict(), **{k: getattr(model, k) for k in mine}})
+        if not (data.tokenizer_model_path or data.path):
+            data = dataclasses.replace(data, tokenizer_model_path=os.path.join(train.init_from, "tokenizer"))
+    if model.base in BYTE_BASES and data.tokenizer == "auto" and not (data.tokenizer_model_path or data.path):
         data = dataclasses.replace(data, tokenizer="byte")
     if train.checkpoint_dir is None:
         run_dir = str(new_run_dir()) if info.is_main else None
@@ -88,7 +97,7 @@ def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
     if data.cache_dir is None:
         suffix = f"/rank_{info.rank}" if info.active else ""
         data = dataclasses.replace(data, cache_dir=f"{train.checkpoint_dir}/data{suffix}")
-    return dataclasses.replace(config, train=train, data=data)
+    return dataclasses.replace(config, model=model, train=train, data=data)
 
 
 def run_train(config: RunConfig, manifest: str | None = None, out_ckpt: str | None = None) -> dict:

@@ -7,7 +7,6 @@ import dataclasses
 import inspect
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +22,9 @@ from ..errors import ConfigError
 from ..data.sft import SFTWindows, response_positions
 from ..eval.evaluate import evaluate_loss_sum, evaluate_nelbo
 from ..objectives import DiffusionBatch, causal_lm_loss_sum, diffusion_batch, diffusion_loss_sum
-from ..report.metrics import MetricsLogger, plot_loss_curve
+from ..profiling import nvtx_range
+from ..report.loggers import Loggers, open_loggers
+from ..report.metrics import plot_loss_curve
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed, teardown
 from .optim import build_optimizer, default_warmup, lr_at
@@ -280,14 +281,15 @@ class Trainer:
         for i, (x, y, n) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
             with no_grad_sync(self.train_model, self.mode, last_micro_step=i == len(batches) - 1):
-                with self._autocast():
+                with self._autocast(), nvtx_range("forward"):
                     logits, aux = self._forward(x)
                 if isinstance(y, DiffusionBatch):
                     loss_sum = diffusion_loss_sum(logits, y)
                 else:
                     loss_sum, _ = causal_lm_loss_sum(logits, y.to(self.device, non_blocking=True), self.cfg.label_smoothing)
                 objective = loss_sum if aux is None else loss_sum + aux["loss"] * n
-                self.scaler.scale(objective * scale).backward()
+                with nvtx_range("backward"):
+                    self.scaler.scale(objective * scale).backward()
             total += float(loss_sum.detach())
             for key, value in (aux or {}).get("metrics", {}).items():
                 aux_sums[key] = aux_sums.get(key, 0.0) + float(value) / len(batches)
@@ -298,9 +300,10 @@ class Trainer:
         if not math.isfinite(total):
             log.warning("step %d: non-finite loss; try a lower train.lr%s.", self.step + 1,
                         "" if self.autocast_dtype != torch.float16 else " or amp=bf16")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        with nvtx_range("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         return total, n_local, grad_norm, aux_sums
 
     def _objective_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, object, int]:
@@ -400,7 +403,8 @@ class Trainer:
             log.info("%.3g FLOPs/token (%s); peak %.1f TFLOP/s per device (%s)", self.flops_per_token, formula,
                      self.peak_tflops, self.peak_source)
         barrier(self.dist)
-        metrics = MetricsLogger(self.run_dir) if main else None
+        metrics = open_loggers(cfg.loggers, self.run_dir, is_main=main, run_config=self.config.to_dict(),
+                               wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, wandb_mode=cfg.wandb_mode)
         bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True, mininterval=0.5)
         start, window_loss, window_n, window_tokens, window_start = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
@@ -445,8 +449,7 @@ class Trainer:
             path = self.save(f"step_{self.step:07d}")
             self.finish_pending_save()
             log.warning("interrupted: saved %s (resume with train.resume_from=%s)", path, path)
-            if metrics:
-                metrics.close()
+            metrics.close()
             raise
         bar.close()
         last_eval = self._eval_and_track(metrics, start) or last_eval
@@ -454,9 +457,9 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "final_checkpoint": str(final), "steps": self.step,
                    "tokens_seen": self.tokens_seen, "elapsed_s": time.perf_counter() - start,
                    "world_size": self.dist.world_size, "parallel": self.mode, "loss_curve": None, **(last_eval or {})}
+        metrics.close()
         if main:
-            metrics.close()
-            plot = plot_loss_curve(metrics.jsonl_path, self.run_dir / "loss_curve.png") if cfg.plot else None
+            plot = plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png") if cfg.plot else None
             summary["loss_curve"] = str(plot) if plot else None
         if self.best_val < math.inf:
             summary["best_checkpoint"] = str(self.run_dir / "checkpoints" / "best")
@@ -474,15 +477,13 @@ class Trainer:
                 "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                 "peak_mem_gb": all_reduce_max(peak_memory_gb(self.device), self.dist, self.device)}
 
-    def _eval_and_track(self, metrics: MetricsLogger | None, start: float) -> dict | None:
+    def _eval_and_track(self, metrics: Loggers, start: float) -> dict | None:
         result = self.evaluate()
         self.train_model.train()
         if result is None:
             return None
-        if metrics is not None:
-            metrics.log({"kind": "val", "step": self.step, "tokens": self.tokens_seen,
-                         "epoch": round(self.loader.epoch, 4), "elapsed_s": time.perf_counter() - start, **result})
-            tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f})", file=sys.stderr)
+        metrics.log({"kind": "val", "step": self.step, "tokens": self.tokens_seen,
+                     "epoch": round(self.loader.epoch, 4), "elapsed_s": time.perf_counter() - start, **result})
         if result["val_loss"] < self.best_val:
             self.best_val = result["val_loss"]
             self.save("best", full=False)

@@ -1,0 +1,210 @@
+"""The lm-eval adapter: `--model psann --model_args ckpt=DIR[,device=..,batch_size=..,max_length=..,mc_draws=..]`.
+
+Importing this module registers the model with lm-eval; `main` (`psannlm eval harness`,
+scripts/run_lm_eval_psann.py) does that and then runs lm-eval's own CLI, so every lm-eval flag
+works (spelled with dashes or underscores), plus --ckpt, and --mc-file / --ppl-file NAME=PATH for
+offline tasks over local JSONL files (see tasks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as exc:  # an optional extra
+    raise ImportError("the lm-eval harness needs the 'eval' extra: pip install 'psann-lm[eval]'") from exc
+
+from ..api import psannLM
+from ..config import GenerateConfig
+from ..errors import ConfigError, unknown_choice
+from .loglik import Scorer
+
+log = logging.getLogger("psann.lm")
+GENERATE_OPTIONS = {f.name for f in dataclasses.fields(GenerateConfig)} - {"max_new_tokens", "temperature", "stop"}
+
+
+def _batch_size(value) -> int:
+    if str(value).startswith("auto"):  # lm-eval's batch-size search is not implemented here
+        log.info("eval: batch_size %s -> 8 (no automatic search; pass a number to choose)", value)
+        return 8
+    try:
+        size = int(value)
+    except ValueError:
+        raise ConfigError(f"batch_size={value!r} is not a number.") from None
+    if size < 1:
+        raise ConfigError(f"batch_size={size} must be at least 1.")
+    return size
+
+
+@register_model("psann")
+class PsannLM(LM):
+    """A psann checkpoint behind lm-eval's three request types. Diffusion checkpoints answer
+    loglikelihood with a Monte-Carlo lower bound (`mc_draws` draws; a warning says so at load,
+    and `is_bound` is True). `max_batch_size`, the bound of lm-eval's batch-size search, is accepted
+    and unused."""
+
+    ARGS = ("ckpt", "device", "batch_size", "max_length", "mc_draws", "seed", "max_gen_toks")
+
+    def __init__(self, ckpt: str | None = None, device: str = "auto", batch_size=8, max_length: int | None = None,
+                 mc_draws: int = 16, seed: int = 0, max_gen_toks: int = 256, max_batch_size=None, **unknown):
+        super().__init__()
+        if unknown:
+            raise ConfigError(unknown_choice("psann model_args key", next(iter(unknown)), self.ARGS))
+        if ckpt is None:
+            raise ConfigError("--model psann needs a checkpoint: --model_args ckpt=DIR (or --ckpt DIR).")
+        self.lm = psannLM.load(str(ckpt), device=str(device))
+        self.scorer = Scorer.for_model(self.lm.model, self.lm.tokenizer, self.lm.model_config,
+                                       None if max_length is None else int(max_length), int(mc_draws), int(seed))
+        self.batch_size, self.seed, self.max_gen_toks = _batch_size(batch_size), int(seed), int(max_gen_toks)
+        self._device = next(self.lm.model.parameters()).device
+
+    @property
+    def is_bound(self) -> bool:
+        return self.scorer.diffusion is not None
+
+    @property
+    def tokenizer(self):
+        return self.scorer.tokenizer
+
+    @property
+    def max_length(self) -> int:
+        return self.scorer.max_len
+
+    # -- scoring ------------------------------------------------------------------------------
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        results = self.scorer.loglikelihood([r.args for r in requests], self.batch_size, desc="loglikelihood")
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        results = self.scorer.loglikelihood_rolling([r.args[0] for r in requests], self.batch_size,
+                                                    desc="loglikelihood_rolling")
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, result)
+        return results
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate_until(self, requests) -> list[str]:
+        """Greedy (or sampled, with do_sample/temperature) continuations, batched per set of
+        generation options, each cut before the first `until` string (and any end-of-turn token)."""
+        results = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+        for indices in groups.values():
+            indices.sort(key=lambda i: -len(requests[i].args[0]))
+            options = requests[indices[0]].args[1]
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                for i, text in zip(batch, self._generate([requests[i].args[0] for i in batch], options)):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results
+
+    def _generate(self, contexts: list[str], options: dict) -> list[str]:
+        options = dict(options)
+        until = options.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(options.pop("max_gen_toks", self.max_gen_toks))
+        temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", True) else 0.0
+        ignored = sorted(set(options) - GENERATE_OPTIONS)
+        if ignored:
+            log.warning("eval: generation options %s do not apply to psann models; ignored.", ignored)
+        if self.is_bound and max_new > self.max_length // 2:  # the prompt and the canvas share the context
+            log.warning("eval: diffusion generation capped at %d tokens (half the context).", self.max_length // 2)
+            max_new = self.max_length // 2
+        # Not the checkpoint's saved sampling defaults: lm-eval asks for plain greedy unless it says otherwise.
+        gen = GenerateConfig(max_new_tokens=max_new, temperature=temperature, stop=until,
+                             **{"seed": self.seed, **{k: v for k, v in options.items() if k in GENERATE_OPTIONS}})
+        tok = self.tokenizer
+        prompts = [[tok.bos_id, *tok.encode_rendered(c)] for c in contexts]
+        return self.lm.complete_ids(prompts, gen, stop_ids=tok.chat_stop_ids)
+
+    # -- chat templates -----------------------------------------------------------------------
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    @property
+    def tokenizer_name(self) -> str:
+        from ..tokenizers import tokenizer_fingerprint
+
+        return f"psann-{self.tokenizer.kind}-{tokenizer_fingerprint(self.tokenizer)}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return self.tokenizer.chat_template
+
+
+# -- the command -----------------------------------------------------------------------------
+def _has(argv: list[str], *flags: str) -> bool:
+    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
+
+
+def _underscored(arg: str) -> str:
+    """lm-eval spells its flags with underscores; accept --num-fewshot for --num_fewshot."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + sep + value
+
+
+def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, task_names: list[str]) -> list[str]:
+    """The arguments of `lm-eval run`: ours filled in (model psann, device auto, batch size 8 unless given)."""
+    out = [_underscored(a) for a in argv]
+    if not _has(out, "--model", "-M"):
+        out += ["--model", "psann"]
+    if ckpt:
+        out += ["--model_args", json.dumps({"ckpt": ckpt})]
+    if not _has(out, "--device"):
+        out += ["--device", "auto"]
+    if not _has(out, "--batch_size", "-b"):
+        out += ["--batch_size", "8"]
+    if include_path:
+        if _has(out, "--include_path"):
+            raise ConfigError("--mc-file/--ppl-file write their own task directory; pass them or --include_path, "
+                              "not both (or add your YAMLs next to your data and use --include_path alone).")
+        out += ["--include_path", include_path]
+        if not _has(out, "--tasks", "-t"):
+            out += ["--tasks", ",".join(task_names)]
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str = "psannlm eval harness") -> int:
+    from .tasks import offline_env, write_task_dir
+
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False,
+        description="Run lm-eval on a psann checkpoint (lm-eval's --model psann).",
+        epilog="Every other argument goes to `lm-eval run` (see `lm-eval run --help`): --tasks, --num-fewshot, "
+               "--limit, --batch-size, --apply-chat-template, --fewshot-as-multiturn, --output-path, ... "
+               "Defaults here: --model psann --device auto --batch-size 8.")
+    parser.add_argument("--ckpt", help="checkpoint directory (same as --model_args ckpt=DIR)")
+    parser.add_argument("--mc-file", action="append", default=[], metavar="NAME=PATH",
+                        help='multiple-choice task over a JSONL file of {"query", "choices", "gold"} (repeatable)')
+    parser.add_argument("--ppl-file", action="append", default=[], metavar="NAME=PATH",
+                        help='perplexity task over a JSONL file of {"text"} (repeatable)')
+    parser.add_argument("--print-config", action="store_true", help="print the lm-eval arguments and exit")
+    args, rest = parser.parse_known_args(argv)
+    offline_env()
+    with tempfile.TemporaryDirectory(prefix="psann-tasks-") as tmp:
+        names = write_task_dir(tmp, {"mc": args.mc_file, "ppl": args.ppl_file})
+        run_argv = lm_eval_argv(rest, args.ckpt, tmp if names else None, names)
+        if args.print_config:
+            print(json.dumps({"lm_eval_run": run_argv}, indent=2))
+            return 0
+        from lm_eval.__main__ import cli_evaluate
+
+        saved, sys.argv = sys.argv, ["lm-eval", "run", *run_argv]
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = saved
+    return 0

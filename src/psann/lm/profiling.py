@@ -1,0 +1,99 @@
+"""Profiling helpers: NVTX ranges for Nsight, CUDA memory history and summaries, saved-tensor bytes.
+
+    PSANN_NVTX=1 nsys profile -t cuda,nvtx python -m psann.cli train --config ...
+
+`nvtx_range(name)` marks a region when PSANN_NVTX=1 and CUDA is available; otherwise it returns a
+shared do-nothing context (one environment lookup per call). The CUDA memory helpers return None
+or {} on machines without CUDA, so callers need no device checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+NVTX_ENV = "PSANN_NVTX"
+_NULL = contextlib.nullcontext()
+_cuda_available = functools.cache(torch.cuda.is_available)
+
+
+def nvtx_enabled() -> bool:
+    return os.environ.get(NVTX_ENV) == "1" and _cuda_available()
+
+
+def nvtx_range(name: str):
+    """`with nvtx_range("forward"):` -- an NVTX range under PSANN_NVTX=1 on CUDA, else a no-op."""
+    return torch.cuda.nvtx.range(name) if nvtx_enabled() else _NULL
+
+
+def start_memory_history(max_entries: int = 100_000) -> bool | None:
+    """Record every CUDA allocation (with stack traces) for `dump_memory_snapshot`; None on CPU."""
+    if not _cuda_available():
+        return None
+    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+    return True
+
+
+def stop_memory_history() -> None:
+    if _cuda_available():
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def dump_memory_snapshot(path: str | os.PathLike) -> Path | None:
+    """Write the recorded history as a pickle (open it at pytorch.org/memory_viz); None on CPU."""
+    if not _cuda_available():
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.cuda.memory._dump_snapshot(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def memory_summary(device: torch.device | str | None = None) -> dict:
+    """Current and peak allocated/reserved GiB and the OOM count of a CUDA device; {} on CPU."""
+    if not _cuda_available() or (device is not None and torch.device(device).type != "cuda"):
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    gib = 2**30
+    return {"allocated_gb": stats.get("allocated_bytes.all.current", 0) / gib,
+            "max_allocated_gb": stats.get("allocated_bytes.all.peak", 0) / gib,
+            "reserved_gb": stats.get("reserved_bytes.all.current", 0) / gib,
+            "max_reserved_gb": stats.get("reserved_bytes.all.peak", 0) / gib,
+            "num_ooms": stats.get("num_ooms", 0)}
+
+
+class SavedTensorBytes:
+    """Bytes autograd keeps for backward while the context is open: unique storages, parameters
+    excluded (they exist anyway). Works on every device; read `.bytes` after the forward pass.
+
+    Activation checkpointing saves only each block's inputs here; the activations it recomputes
+    during backward are transient and not counted.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._sizes: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._params:
+            self._sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)

@@ -1,0 +1,195 @@
+"""Where training metrics go: console lines, metrics.jsonl, metrics.csv, TensorBoard, Weights & Biases.
+
+A record is the dict the trainer logs: `kind` (train, val), `step` and the metrics. Every backend
+takes records through `log(record)` and is closed once with `close()`; `open_loggers` builds the
+chosen ones behind one fan-out, which is empty (writes nothing) on ranks other than 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, did_you_mean
+
+LOGGERS = ("console", "jsonl", "csv", "tensorboard", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+OPTIONAL = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # logger -> module its extra installs
+
+
+def check_logger_names(names: Iterable[str]) -> None:
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"'train.loggers' has unknown logger {name!r}.{did_you_mean(name, LOGGERS)} "
+                              f"Choices: {', '.join(LOGGERS)}.")
+
+
+def scalars(record: dict) -> dict[str, int | float]:
+    """The numeric metrics of a record: kind and step are its coordinates, and strings or None
+    (e.g. mfu without a known peak) have no place on a curve."""
+    return {k: v for k, v in record.items()
+            if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _optional(module: str, extra: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"train.loggers includes {extra}, which needs a package that is not installed ({exc}); "
+                          f"pip install 'psann-lm[{extra}]' or remove {extra} from train.loggers.") from exc
+
+
+class ConsoleLogger:
+    """One line per record on stderr; tqdm.write keeps a running progress bar below the lines."""
+
+    HIDDEN = ("epoch", "tokens", "elapsed_s", "tflops_per_device", "val_tokens")  # in the files; too much for a line
+
+    def log(self, record: dict) -> None:
+        values = ", ".join(f"{k} {_short(v)}" for k, v in scalars(record).items() if k not in self.HIDDEN)
+        tqdm.write(f"{record.get('kind')} step {record.get('step')}: {values}", file=sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def _short(value: int | float) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+class JsonlLogger:
+    """metrics.jsonl, one JSON object per record (resumed runs append); the loss plot reads it."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class CsvLogger:
+    """metrics.csv, one row per record and one column per key ever logged, in order of first
+    appearance. A key first seen mid-run (validation metrics, a model's auxiliary losses) rewrites
+    the file with the wider header, keeping every earlier row; resumed runs append under it."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.fields = self._header()
+
+    def _header(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with open(self.path, encoding="utf-8", newline="") as fh:
+            return next(csv.reader(fh), [])
+
+    def log(self, record: dict) -> None:
+        new = [k for k in record if k not in self.fields]
+        if new:
+            self._widen(new)
+        with open(self.path, "a", encoding="utf-8", newline="") as fh:
+            csv.DictWriter(fh, self.fields).writerow(record)
+
+    def _widen(self, new: list[str]) -> None:
+        rows = []
+        if self.fields:
+            with open(self.path, encoding="utf-8", newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        self.fields = self.fields + new
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        pass  # every row is written through a file opened and closed for it
+
+
+class TensorBoardLogger:
+    """Scalars tagged `kind/name` (train/loss, val/val_loss) against the step, in <run_dir>/tensorboard."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        writer_class = _optional(OPTIONAL["tensorboard"], "tensorboard").SummaryWriter
+        self._writer = writer_class(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        for name, value in scalars(record).items():
+            self._writer.add_scalar(f"{record.get('kind')}/{name}", value, record.get("step"))
+        self._writer.flush()  # a watching TensorBoard sees each interval; a crash loses nothing
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbLogger:
+    """A W&B run with the run config as its config and scalars keyed `kind/name` by step. Offline
+    mode keeps everything in <run_dir>/wandb (no network); `wandb sync` uploads it later."""
+
+    def __init__(self, run_dir: str | os.PathLike, project: str, name: str | None, mode: str, config: dict | None):
+        wandb = _optional(OPTIONAL["wandb"], "wandb")
+        self._run = wandb.init(project=project, name=name or Path(run_dir).resolve().name, mode=mode,
+                               dir=str(run_dir), config=config)
+
+    def log(self, record: dict) -> None:
+        kind = record.get("kind")
+        self._run.log({f"{kind}/{k}": v for k, v in scalars(record).items()}, step=record.get("step"))
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class Loggers:
+    """Fan-out: every record goes to each chosen backend in turn."""
+
+    def __init__(self, backends: list):
+        self.backends = backends
+
+    def log(self, record: dict) -> None:
+        for backend in self.backends:
+            backend.log(record)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
+
+
+def open_loggers(names: Iterable[str], run_dir: str | os.PathLike, *, is_main: bool = True, run_config: dict | None = None,
+                 wandb_project: str = "psann-lm", wandb_run_name: str | None = None, wandb_mode: str = "offline") -> Loggers:
+    """The backends `names` (from LOGGERS) writing into `run_dir`; a no-op fan-out unless `is_main`.
+    Every rank imports the optional packages first, so a missing one stops all ranks together
+    instead of leaving the others waiting for rank 0."""
+    names = list(dict.fromkeys(names))
+    check_logger_names(names)
+    for name in names:
+        if name in OPTIONAL:
+            _optional(OPTIONAL[name], name)
+    if not is_main:
+        return Loggers([])
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    backends = []
+    for name in names:
+        if name == "console":
+            backends.append(ConsoleLogger())
+        elif name == "jsonl":
+            backends.append(JsonlLogger(run_dir))
+        elif name == "csv":
+            backends.append(CsvLogger(run_dir))
+        elif name == "tensorboard":
+            backends.append(TensorBoardLogger(run_dir))
+        else:
+            backends.append(WandbLogger(run_dir, wandb_project, wandb_run_name, wandb_mode, run_config))
+    return Loggers(backends)
