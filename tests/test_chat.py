@@ -14,11 +14,11 @@ import pytest
 
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.data.loader import IGNORE_INDEX
-from psann.lm.data.sft import SFTWindows, encode_conversation
+from psann.lm.data.sft import SFTWindows
 from psann.lm.errors import ConfigError, DataError
 from psann.lm.infer.chat import ChatSession
 from psann.lm.tokenizers import build_tokenizer, load_tokenizer, tokenizer_fingerprint
-from psann.lm.tokenizers.chat import CONFIG_FILE, PLAIN_TEXT_TEMPLATE, ROLE_TOKEN_TEMPLATE
+from psann.lm.tokenizers.chat import CONFIG_FILE, PLAIN_TEXT_TEMPLATE, ROLE_TOKEN_TEMPLATE, encode_conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Once upon a time there was a little dog who liked the sun. " * 10,
@@ -65,6 +65,9 @@ def test_template_is_saved_in_tokenizer_config_and_loaded_back(bpe, tmp_path):
     loaded = load_tokenizer(tmp_path / "tok")
     assert loaded.apply_chat_template(CONVERSATION[1:3], tokenize=False) == "[user] What colour is the sky?\n[assistant] Blue.\n"
     assert tokenizer_fingerprint(loaded) == tokenizer_fingerprint(bpe)  # the template does not change text -> ids
+    named = [{"name": "default", "template": custom}, {"name": "tool_use", "template": "{{ 1 }}"}]  # HF's list form
+    (tmp_path / "tok" / CONFIG_FILE).write_text(json.dumps({**config, "chat_template": named}))
+    assert load_tokenizer(tmp_path / "tok").chat_template == custom
     with pytest.raises(ConfigError, match="does not compile"):
         loaded.chat_template = "{% for m in messages %}"
     with pytest.raises(DataError, match="role"):
@@ -82,21 +85,45 @@ def test_template_matches_transformers_rendering(bpe, tmp_path):
         assert hf(text, add_special_tokens=False)["input_ids"] == bpe.apply_chat_template(messages, add_generation_prompt=prompt)
 
 
-@pytest.mark.parametrize("kind", ["bpe", "byte"])
-def test_only_assistant_tokens_are_targets(bpe, kind):
-    tok = bpe if kind == "bpe" else build_tokenizer("byte")
+@pytest.mark.parametrize("kind", ["bpe", "bpe-plain", "byte"])
+def test_only_assistant_tokens_are_targets(kind):
+    tok = build_tokenizer("byte" if kind == "byte" else "bpe", TEXTS + ["Blue. In water. " * 20], vocab_size=320)
+    if kind == "bpe-plain":
+        tok.chat_template = PLAIN_TEXT_TEMPLATE
     ids, trainable = encode_conversation(tok, CONVERSATION)
-    assert ids[0] == tok.bos_id and ids[1:] == tok.apply_chat_template(CONVERSATION)
+    if kind == "bpe-plain":  # encoded whole, BPE merges "Assistant: " into the answer (" Blue"): turn by turn it cannot
+        assert ids[1:] != tok.apply_chat_template(CONVERSATION)
+    assert ids[0] == tok.bos_id
+    assert tok.decode(ids[1:], skip_special_tokens=False) == tok.apply_chat_template(CONVERSATION, tokenize=False)
     targets = [i for i, t in zip(ids, trainable) if t]
-    end = tok.special_token_ids.get("<|end|>", tok.eos_id)
+    end = tok.special_token_ids.get("<|end|>", tok.eos_id) if kind == "bpe" else tok.eos_id
     answers = [tok.encode(m["content"]) + [end] for m in CONVERSATION if m["role"] == "assistant"]
     assert targets == answers[0] + answers[1]
-    # The prompt the chat session builds is exactly the training prefix before the last answer.
-    prompt = [tok.bos_id, *tok.apply_chat_template(CONVERSATION[:4], add_generation_prompt=True)]
+    # The prompt a chat builds is exactly the training prefix before the last answer.
+    prompt, _ = encode_conversation(tok, CONVERSATION[:4], add_generation_prompt=True)
     assert ids[:len(prompt)] == prompt and all(trainable[len(prompt):])
     x, y = SFTWindows([(ids, trainable)], 256, tok.pad_id, tok.eos_id, eos_padding=False).batch([0])
     scored = y[0][y[0] != IGNORE_INDEX].tolist()
     assert scored == targets and x[0, 0] == tok.bos_id
+
+
+def test_char_tokenizer_learns_the_plain_template_role_names(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n", encoding="utf-8")
+    dp = psannLMDataPrep.from_sft([path], tokenizer="char", max_length=256, val_split=0.0)
+    ids, _ = encode_conversation(dp.tokenizer, CONVERSATION)
+    assert dp.tokenizer.unk_id not in ids
+
+
+def test_diffusion_sft_masks_only_assistant_turns_and_padding(bpe):
+    from psann.lm.data.sft import response_positions
+
+    ids, trainable = encode_conversation(bpe, CONVERSATION)
+    x, y = SFTWindows([(ids, trainable)], len(ids) + 5, bpe.pad_id, bpe.eos_id, eos_padding=True).batch([0])
+    maskable = response_positions(y)[0].tolist()
+    # x[t] may be masked exactly where it is an assistant token, or the EOS padding after the window's text
+    assert maskable == trainable[:len(ids) - 1] + [True] * 6
+    assert x[0, len(ids) - 1:].tolist() == [bpe.eos_id] * 6
 
 
 def test_template_that_rewrites_history_is_refused(bpe):
@@ -176,6 +203,19 @@ def test_train_cli_fine_tunes_a_checkpoint_on_conversations(chat_model, tmp_path
     assert tokenizer_fingerprint(load_tokenizer(final / "tokenizer")) == tokenizer_fingerprint(load_tokenizer(ckpt / "tokenizer"))
 
 
+def test_init_from_takes_keys_the_config_names_and_the_checkpoint_context(chat_model, tmp_path):
+    from psann.lm.config import load_config
+    from psann.lm.train.cli import resolve_run_config
+
+    _, ckpt, _ = chat_model
+    base = [f"--train.init_from={ckpt}", f"--train.checkpoint_dir={tmp_path}"]
+    resolved = resolve_run_config(load_config(None, base + ["--model.d_model=512"]))  # 512 is the default, set on purpose
+    assert resolved.model.d_model == 512 and resolved.model.n_layers == 2 and resolved.data.max_length == 48
+    assert resolved.data.tokenizer_model_path == str(ckpt / "tokenizer")
+    with pytest.raises(ConfigError, match="longer than the 48-token context"):
+        resolve_run_config(load_config(None, base + ["--data.max_length=96"]))
+
+
 def _chat_command(ckpt, *extra):
     return [sys.executable, "-m", "psann.cli", *extra, "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "16"]
 
@@ -192,6 +232,30 @@ def test_chat_cli_with_piped_input(chat_model):
         assert "assistant> The sky is blue.\n" in out and "assistant> Fish live in water.\n" in out
         assert "cannot set top_p" in out and "unknown command /bogus" in out and "(conversation cleared)" in out
         assert out.count("assistant> ") == 2
+
+
+def test_ctrl_c_stops_a_reply_but_not_the_session(chat_model, monkeypatch):
+    import io
+
+    from psann.lm.infer.chat import chat_loop
+
+    lm, _, _ = chat_model
+    session = ChatSession(lm, temperature=0, max_new_tokens=16)
+    calls = []
+
+    def interrupted_once(self, text, on_text=None):
+        calls.append(text)
+        if len(calls) == 1:
+            self.messages.append({"role": "user", "content": text})
+            raise KeyboardInterrupt
+        return original(self, text, on_text)
+
+    original = ChatSession.send
+    monkeypatch.setattr(ChatSession, "send", interrupted_once)
+    out = io.StringIO()
+    assert chat_loop(session, io.StringIO("Who was there?\nWhere do fish live?\n"), out) == 0
+    assert "(reply interrupted" in out.getvalue() and "assistant> Fish live in water.\n" in out.getvalue()
+    assert [m["content"] for m in session.messages] == ["Where do fish live?", "Fish live in water."]
 
 
 def _read_until(fd, marker: bytes, timeout: float = 60.0) -> bytes:

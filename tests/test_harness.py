@@ -69,7 +69,7 @@ def test_loglikelihood_is_the_direct_sum_for_any_batch_size(lm):
     lm.batch_size = 4
 
 
-def test_generate_until_stops_at_until_and_max_gen_toks(lm):
+def test_generate_until_stops_at_until_and_max_gen_toks(lm, caplog):
     tok, model = lm.tokenizer, lm.scorer.model
     context = "little tom went to the"
     prompt = [[tok.bos_id, *tok.encode(context)]]
@@ -86,6 +86,21 @@ def test_generate_until_stops_at_until_and_max_gen_toks(lm):
     ]))
     assert out[:3] == [full, short, full[:full.index(stop)]]
     assert stop not in out[3]
+    # lm-eval's sampling flags: greedy unless do_sample (temperature 0 with do_sample false is greedy, not ignored)
+    greedy = {"max_gen_toks": 12, "until": [], "do_sample": False, "temperature": 0.0}
+    sampled = [lm.generate_until(requests("generate_until", [(context, {**greedy, "do_sample": True, "temperature": 5.0,
+                                                                        "seed": seed})]))[0]
+               for seed in range(4)]
+    with caplog.at_level(logging.WARNING, logger="psann.lm"):
+        assert lm.generate_until(requests("generate_until", [(context, greedy)]))[0] == full
+    assert "ignored" not in caplog.text and len(set(sampled)) > 1
+
+
+def test_device_and_batch_size_in_model_args_are_not_given_twice(ckpt):
+    argv = lm_eval_argv(["--model_args", f"ckpt={ckpt},device=cpu,batch_size=2"], None, None, [])
+    assert "--device" not in argv and "--batch_size" not in argv
+    argv = lm_eval_argv(["--model_args", json.dumps({"ckpt": ckpt, "device": "cpu"})], None, None, [])
+    assert "--device" not in argv and argv[argv.index("--batch_size") + 1] == "8"
 
 
 def test_chat_template_and_names(lm):
@@ -112,8 +127,9 @@ def test_byte_and_diffusion_checkpoints(tmp_path, caplog):
     assert diffusion.is_bound and "Monte-Carlo lower bounds" in caplog.text
     [(bound, _)] = diffusion.loglikelihood(requests("loglikelihood", [("tom went to the", " market")]))
     assert bound < 0
-    [text] = diffusion.generate_until(requests("generate_until", [("tom", {"max_gen_toks": 4, "until": ["\n"]})]))
-    assert isinstance(text, str)
+    with caplog.at_level(logging.WARNING, logger="psann.lm"):
+        [text] = diffusion.generate_until(requests("generate_until", [("tom", {"max_gen_toks": 400, "until": ["e"]})]))
+    assert "capped at 24 tokens" in caplog.text and "e" not in text and len(text) <= 24  # char tokens: one per char
 
 
 def test_main_builds_the_lm_eval_command(ckpt, task_files, capsys):

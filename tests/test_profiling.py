@@ -1,6 +1,7 @@
 """Profiling helpers: NVTX toggled by PSANN_NVTX, CUDA memory helpers that do nothing on CPU, saved-tensor bytes."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,29 @@ def test_cuda_memory_helpers_are_no_ops_on_cpu(monkeypatch, tmp_path):
     assert not (tmp_path / "snap.pickle").exists()
     assert memory_summary() == {}
     stop_memory_history()
+
+
+def test_memory_snapshot_from_env_records_a_block_and_dumps_even_on_failure(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(profiling, "start_memory_history", lambda: calls.append("start") or True)
+    monkeypatch.setattr(profiling, "dump_memory_snapshot", lambda path: calls.append(Path(path).name))
+    monkeypatch.setattr(profiling, "stop_memory_history", lambda: calls.append("stop"))
+    monkeypatch.delenv(profiling.MEMORY_SNAPSHOT_ENV, raising=False)
+    with profiling.memory_snapshot_from_env():
+        pass
+    assert calls == []  # off without the variable
+    monkeypatch.setenv(profiling.MEMORY_SNAPSHOT_ENV, str(tmp_path / "run.pickle"))
+    with pytest.raises(RuntimeError), profiling.memory_snapshot_from_env(rank=2):
+        raise RuntimeError("out of memory")
+    assert calls == ["start", "run.rank2.pickle", "stop"]
+
+
+def test_memory_snapshot_from_env_is_a_no_op_on_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(profiling, "_cuda_available", lambda: False)
+    monkeypatch.setenv(profiling.MEMORY_SNAPSHOT_ENV, str(tmp_path / "run.pickle"))
+    with profiling.memory_snapshot_from_env():
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_memory_summary_is_empty_for_a_cpu_device_even_with_cuda(monkeypatch):

@@ -256,10 +256,11 @@ class psannLM:
     def chat(self, messages: Sequence[dict], **options) -> str:
         """The assistant's reply to a conversation ``[{"role": "user", "content": ...}, ...]``, rendered
         with the tokenizer's chat template; the reply ends at the end-of-turn token or EOS."""
+        from .tokenizers.chat import encode_conversation
+
         self._require_model()
-        tok = self.tokenizer
-        prompt = [tok.bos_id, *tok.apply_chat_template(messages, add_generation_prompt=True)]
-        return self.complete_ids([prompt], self.generation_settings(**options), stop_ids=tok.chat_stop_ids)[0]
+        prompt, _ = encode_conversation(self.tokenizer, messages, add_generation_prompt=True)
+        return self.complete_ids([prompt], self.generation_settings(**options), stop_ids=self.tokenizer.chat_stop_ids)[0]
 
     def generation_settings(self, **options) -> GenerateConfig:
         """The saved generation defaults with `options` applied, checked against the model's objective."""

@@ -464,6 +464,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # "section.key" of every key the config file and overrides set (defaults are not in it)
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
@@ -478,7 +480,8 @@ class RunConfig:
             if name not in SECTIONS:
                 raise ConfigError(f"unknown config section '{name}'.{did_you_mean(name, SECTIONS)} "
                                   f"Valid sections: {', '.join(SECTIONS)}.")
-        return cls(**{name: SECTIONS[name].from_dict(values.get(name) or {}) for name in SECTIONS})
+        given = frozenset(f"{name}.{key}" for name, keys in values.items() if isinstance(keys, dict) for key in keys)
+        return cls(**{name: SECTIONS[name].from_dict(values.get(name) or {}) for name in SECTIONS}, given=given)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -39,12 +39,11 @@ def chat_demo(lm, run_dir: Path, steps: int, progress: bool = True, seed: int = 
     then hold a two-turn conversation with it."""
     from .api import psannLMDataPrep
     from .data.demo_corpus import generate_conversations
+    from .files import write_atomic
     from .infer.chat import ChatSession
 
     path = run_dir / "data" / "demo_chat.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(c) + "\n" for c in generate_conversations(4000, seed)), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(c) + "\n" for c in generate_conversations(4000, seed)))
     dp = psannLMDataPrep.from_sft([path], tokenizer_model_path=str(run_dir / "checkpoints" / "final" / "tokenizer"),
                                   max_length=lm.model_config.max_seq_len, val_split=0.02, seed=seed)
     lm.fit(dp, max_steps=steps, batch_tokens=4096, lr=1e-3, warmup_steps=10, eval_interval_steps=steps,

@@ -4,7 +4,8 @@
 
 `nvtx_range(name)` marks a region when PSANN_NVTX=1 and CUDA is available; otherwise it returns a
 shared do-nothing context (one environment lookup per call). The CUDA memory helpers return None
-or {} on machines without CUDA, so callers need no device checks.
+or {} on machines without CUDA, so callers need no device checks; the trainer records a whole
+run's allocations under PSANN_CUDA_MEMORY_SNAPSHOT=path.pickle (`memory_snapshot_from_env`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 NVTX_ENV = "PSANN_NVTX"
+MEMORY_SNAPSHOT_ENV = "PSANN_CUDA_MEMORY_SNAPSHOT"
 _NULL = contextlib.nullcontext()
 _cuda_available = functools.cache(torch.cuda.is_available)
 
@@ -53,6 +55,25 @@ def dump_memory_snapshot(path: str | os.PathLike) -> Path | None:
     torch.cuda.memory._dump_snapshot(str(tmp))
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def memory_snapshot_from_env(rank: int = 0):
+    """With PSANN_CUDA_MEMORY_SNAPSHOT=run.pickle on CUDA, record every allocation while the block
+    runs and dump the history there at its end, also when it fails (an out-of-memory error is when
+    it is wanted most); rank r > 0 writes run.rank<r>.pickle. Otherwise a no-op."""
+    path = os.environ.get(MEMORY_SNAPSHOT_ENV)
+    if not path or not start_memory_history():
+        yield
+        return
+    try:
+        yield
+    finally:
+        target = Path(path)
+        if rank:
+            target = target.with_name(f"{target.stem}.rank{rank}{target.suffix}")
+        dump_memory_snapshot(target)
+        stop_memory_history()
 
 
 def memory_summary(device: torch.device | str | None = None) -> dict:

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..files import write_atomic
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from ..workers import process_context
 from .filters import FILTER_ORDER, DedupState, FeatureExtractor, FilterConfig, eval_ngrams
@@ -64,9 +65,7 @@ class BuildConfig:
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def _is_val(seed: int, ordinal: int, fraction: float) -> bool:

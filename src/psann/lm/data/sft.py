@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..tokenizers.chat import check_messages, encode_conversation
 from .loader import IGNORE_INDEX
 
 
@@ -28,8 +29,6 @@ Example = tuple[str, str] | list[dict[str, str]]  # a (prompt, response) pair or
 
 
 def read_sft_jsonl(paths: list[str | os.PathLike]) -> list[Example]:
-    from ..tokenizers.chat import check_messages
-
     examples: list[Example] = []
     for path in paths:
         path = Path(path)
@@ -62,43 +61,11 @@ def read_sft_jsonl(paths: list[str | os.PathLike]) -> list[Example]:
 
 
 def example_text(example: Example) -> str:
-    """Plain text of an example (to train a tokenizer on)."""
+    """Plain text of an example (to train a tokenizer on), role names included: a tokenizer
+    without role tokens spells them out (plain-text template), so they must be in its vocabulary."""
     if isinstance(example, tuple):
         return "\n".join(example)
-    return "\n".join(m["content"] for m in example)
-
-
-def encode_conversation(tok, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
-    """BOS + the rendered conversation, and which of those tokens are assistant output.
-
-    Rendered turn by turn: the text each message adds to the conversation is encoded on its own,
-    and an assistant message's part after the generation prompt is the target. Chat generation
-    encodes the prompt up to the generation prompt the same way, so training and inference agree."""
-    ids, trainable = [tok.bos_id], [False]
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            opened = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-            _append(tok, ids, trainable, _suffix(opened, done), False)
-            done = opened
-        text = tok.apply_chat_template(messages[:i + 1], tokenize=False)
-        _append(tok, ids, trainable, _suffix(text, done), message["role"] == "assistant")
-        done = text
-    return ids, trainable
-
-
-def _suffix(text: str, prefix: str) -> str:
-    if not text.startswith(prefix):
-        raise DataError("the chat template renders a conversation differently from its beginning (the text of "
-                        "messages[:i] is not a prefix of messages[:i+1]), so assistant turns cannot be located; "
-                        "use a template that appends one message at a time.")
-    return text[len(prefix):]
-
-
-def _append(tok, ids: list[int], trainable: list[bool], text: str, target: bool) -> None:
-    piece = tok.encode_rendered(text)
-    ids.extend(piece)
-    trainable.extend([target] * len(piece))
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in example) + "\nAssistant: "
 
 
 def encode_example(tok, example: Example) -> tuple[list[int], list[bool]]:

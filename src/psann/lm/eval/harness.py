@@ -114,7 +114,11 @@ class PsannLM(LM):
         until = options.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(options.pop("max_gen_toks", self.max_gen_toks))
-        temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", True) else 0.0
+        # lm-eval's convention: greedy unless do_sample; do_sample without a temperature samples at 1.
+        do_sample = bool(options.pop("do_sample", False))
+        temperature = float(options.pop("temperature", 1.0))
+        if not do_sample:
+            temperature = 0.0
         ignored = sorted(set(options) - GENERATE_OPTIONS)
         if ignored:
             log.warning("eval: generation options %s do not apply to psann models; ignored.", ignored)
@@ -125,7 +129,8 @@ class PsannLM(LM):
         gen = GenerateConfig(max_new_tokens=max_new, temperature=temperature, stop=until,
                              **{"seed": self.seed, **{k: v for k, v in options.items() if k in GENERATE_OPTIONS}})
         tok = self.tokenizer
-        prompts = [[tok.bos_id, *tok.encode_rendered(c)] for c in contexts]
+        keep = max(1, self.max_length - max_new)  # prompt + answer within max_length, as scoring is
+        prompts = [[tok.bos_id, *tok.encode_rendered(c)][-keep:] for c in contexts]
         return self.lm.complete_ids(prompts, gen, stop_ids=tok.chat_stop_ids)
 
     # -- chat templates -----------------------------------------------------------------------
@@ -156,6 +161,21 @@ def _underscored(arg: str) -> str:
     return "--" + name.replace("-", "_") + sep + value
 
 
+def _model_arg_keys(argv: list[str]) -> set[str]:
+    """Keys named in every --model_args value (lm-eval's key=value,... form or JSON)."""
+    keys: set[str] = set()
+    for i, arg in enumerate(argv):
+        if arg.split("=", 1)[0] not in ("--model_args", "-a"):
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+        try:
+            keys |= set(json.loads(value)) if value.lstrip().startswith("{") else \
+                {part.split("=", 1)[0].strip() for part in value.split(",") if "=" in part}
+        except ValueError:
+            pass  # lm-eval reports a malformed value itself
+    return keys
+
+
 def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, task_names: list[str]) -> list[str]:
     """The arguments of `lm-eval run`: ours filled in (model psann, device auto, batch size 8 unless given)."""
     out = [_underscored(a) for a in argv]
@@ -163,9 +183,11 @@ def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, ta
         out += ["--model", "psann"]
     if ckpt:
         out += ["--model_args", json.dumps({"ckpt": ckpt})]
-    if not _has(out, "--device"):
+    # lm-eval passes --device/--batch_size to the model beside model_args: a key in both is an error
+    given = _model_arg_keys(out)
+    if not _has(out, "--device") and "device" not in given:
         out += ["--device", "auto"]
-    if not _has(out, "--batch_size", "-b"):
+    if not _has(out, "--batch_size", "-b") and "batch_size" not in given:
         out += ["--batch_size", "8"]
     if include_path:
         if _has(out, "--include_path"):

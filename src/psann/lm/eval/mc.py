@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None, prog: str = "psannlm eval mc") -> int:
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
     args = parser.parse_args(argv)
+    for name in ("limit", "batch_size", "mc_draws"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.print_config:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
         return 0

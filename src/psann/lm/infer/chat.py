@@ -7,6 +7,7 @@ import sys
 from typing import Callable, TextIO
 
 from ..errors import ConfigError, DataError
+from ..tokenizers.chat import encode_conversation
 
 HELP = ("commands: /quit  /reset (forget the conversation)  /temp <v>  /topk <n|off>  /topp <v>  /help; "
         "anything else is your message")
@@ -37,7 +38,7 @@ class ChatSession:
         history = list(self.messages)
         self.dropped_turns = 0
         while True:
-            ids = [tok.bos_id, *tok.apply_chat_template(head + history, add_generation_prompt=True)]
+            ids, _ = encode_conversation(tok, head + history, add_generation_prompt=True)
             if len(ids) <= budget or len(history) <= 1:
                 return ids  # a single message that is still too long is cut from the left by the sampler
             history = history[2:]  # the oldest user turn and its reply
@@ -129,11 +130,15 @@ def chat_loop(session: ChatSession, stdin: TextIO | None = None, out: TextIO | N
             continue
         out.write("assistant> ")
         out.flush()
-        printer = _Printer(out)
+        printer, before = _Printer(out), len(session.messages)
         try:
             reply = session.send(line, on_text=printer)
         except DataError as exc:
             out.write(f"\n(error: {exc})\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            del session.messages[before:]
+            out.write("\n(reply interrupted and dropped from the history)\n")
             continue
         printer.finish(reply)
         if session.dropped_turns:

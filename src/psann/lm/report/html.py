@@ -16,13 +16,13 @@ import io
 import json
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import DataError
-from .metrics import read_metrics
+from ..errors import ConfigError, DataError
+from ..files import write_atomic
+from .metrics import read_metrics, summarize_metrics
 
 SAMPLE_PROMPTS = ("Once upon a time", "The dog")
 
@@ -143,25 +143,6 @@ def load_inputs(paths: list[str]) -> tuple[list[Run], list[Suite]]:
 
 
 # --- numbers ------------------------------------------------------------------------------------
-def median_of(records: list[dict], key: str) -> float | None:
-    values = [r[key] for r in records if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
-def summarize_metrics(records: list[dict]) -> dict:
-    """The figures a run is compared by. tok/s and MFU are medians over the logged windows after
-    the first (which holds the warm-up); peak memory is the largest logged."""
-    train = [r for r in records if r.get("kind") == "train"]
-    val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
-    timed = train[1:] or train
-    last = train[-1] if train else {}
-    return {"steps": last.get("step"), "tokens": last.get("tokens"), "train_loss": last.get("loss"),
-            "val_loss": val[-1]["val_loss"] if val else None, "val_ppl": val[-1].get("val_ppl") if val else None,
-            "best_val_loss": min(r["val_loss"] for r in val) if val else None,
-            "tok_per_s": median_of(timed, "tok_per_s"), "mfu": median_of(timed, "mfu"),
-            "peak_mem_gb": max((r["peak_mem_gb"] for r in train if r.get("peak_mem_gb") is not None), default=None)}
-
-
 def _pyplot():
     try:
         import matplotlib
@@ -169,7 +150,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install 'psann-lm[viz]'") from exc
+        raise ConfigError("the report's plots need matplotlib: pip install 'psann-lm[viz]'.") from exc
     return plt
 
 
@@ -362,7 +343,4 @@ def write_report(out: str | os.PathLike, runs: list[Run], suites: list[Suite],
                  samples: dict[str, list[tuple[str, str]]] | None = None, title: str = "psann-lm report") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_report(runs, suites, samples, title), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, render_report(runs, suites, samples, title))

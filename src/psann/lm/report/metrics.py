@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from pathlib import Path
 
 from ..errors import DataError
@@ -25,6 +26,25 @@ def read_metrics(jsonl_path: str | os.PathLike) -> list[dict]:
             raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); the run may have been cut off while "
                             "writing: delete that line and try again.") from exc
     return records
+
+
+def median_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize_metrics(records: list[dict]) -> dict:
+    """The figures a run is compared by. tok/s and MFU are medians over the logged windows after
+    the first (which holds the warm-up); peak memory is the largest logged."""
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
+    timed = train[1:] or train
+    last = train[-1] if train else {}
+    return {"steps": last.get("step"), "tokens": last.get("tokens"), "train_loss": last.get("loss"),
+            "val_loss": val[-1]["val_loss"] if val else None, "val_ppl": val[-1].get("val_ppl") if val else None,
+            "best_val_loss": min(r["val_loss"] for r in val) if val else None,
+            "tok_per_s": median_of(timed, "tok_per_s"), "mfu": median_of(timed, "mfu"),
+            "peak_mem_gb": max((r["peak_mem_gb"] for r in train if r.get("peak_mem_gb") is not None), default=None)}
 
 
 def plot_loss_curve(jsonl_path: str | os.PathLike, out_path: str | os.PathLike) -> Path | None:

@@ -25,7 +25,8 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import ConfigError
-from .metrics import read_metrics
+from ..files import write_atomic
+from .metrics import median_of, read_metrics, summarize_metrics
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class SuiteSettings:
 
 
 SCALES = {
-    # ~1.5 minutes on 2 CPU cores
+    # 188 s on the 2-core development VM (docs/reports.md)
     "cpu": dict(corpus_bytes=1_000_000, vocab_size=1024, max_length=128, d_model=128, n_layers=2, n_heads=4, steps=150,
                 batch_tokens=4096, bases=("transformer", "respsann"), grid_batch_tokens=(2048, 8192), grid_steps=8),
     "gpu": dict(corpus_bytes=20_000_000, vocab_size=8192, max_length=512, d_model=512, n_layers=8, n_heads=8, steps=1000,
@@ -164,11 +165,6 @@ def run(args) -> int:
 
 
 # --- the parts ----------------------------------------------------------------------------------
-def _write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for row in rows for k in row))  # every key, in first-seen order
@@ -176,7 +172,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def _run_config(s: SuiteSettings, corpus: Path, run_dir: Path):
@@ -200,7 +196,6 @@ def measure_throughput(dp, s: SuiteSettings, base: str, batch_tokens: int, work_
 
     from ..api import psannLM
     from ..train.trainer import resolve_amp
-    from .html import median_of
 
     device = torch.device(s.device)
     if device.type == "cuda":
@@ -279,7 +274,7 @@ def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
     """Run every part into `out`; -> the suite.json contents."""
     from ..api import psannLM, psannLMDataPrep
     from ..data.demo_corpus import write_demo_corpus
-    from .html import curves_png, summarize_metrics
+    from .html import curves_png
     from .system import system_info
 
     out = Path(out)
@@ -288,7 +283,7 @@ def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"bench suite: {s.describe()}", flush=True)
-    _write(out / "system.json", json.dumps(system_info(s.device), indent=2) + "\n")
+    write_atomic(out / "system.json", json.dumps(system_info(s.device), indent=2) + "\n")
 
     corpus = out / "data" / "demo_corpus.txt"
     write_demo_corpus(corpus, target_bytes=s.corpus_bytes, seed=s.seed)
@@ -298,9 +293,9 @@ def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
     lm.fit(dp, **config.train.to_dict())
     records = read_metrics(out / "baseline" / "metrics.jsonl")
     summary = {**lm.last_run, **summarize_metrics(records), "parameters": lm.num_parameters()}
-    _write(out / "metrics.json", json.dumps({"records": records, "summary": summary}, indent=2) + "\n")
+    write_atomic(out / "metrics.json", json.dumps({"records": records, "summary": summary}, indent=2) + "\n")
     _write_csv(out / "metrics.csv", records)
-    _write(out / "loss_curve.png", curves_png([("baseline", records)]))
+    write_atomic(out / "loss_curve.png", curves_png([("baseline", records)]))
 
     grid = []
     for base in s.bases:
@@ -314,7 +309,7 @@ def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
     _write_csv(out / "throughput.csv", grid)
 
     memory = measure_memory(dp, lm.model_config, s)
-    _write(out / "memory.json", json.dumps(memory, indent=2) + "\n")
+    write_atomic(out / "memory.json", json.dumps(memory, indent=2) + "\n")
 
     suite = {"scale": s.scale, "scale_note": s.describe(), "command": s.command(), "settings": dataclasses.asdict(s),
              "elapsed_s": round(time.perf_counter() - started, 1),
@@ -325,7 +320,7 @@ def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
                                                        "val_ppl", "tok_per_s", "mfu")},
              "files": ["system.json", "baseline/", "metrics.json", "metrics.csv", "loss_curve.png", "throughput.csv",
                        "memory.json", "suite.json"]}
-    _write(out / "suite.json", json.dumps(suite, indent=2) + "\n")
+    write_atomic(out / "suite.json", json.dumps(suite, indent=2) + "\n")
     _print_summary(out, suite, grid, memory)
     return suite
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError, DataError
+from ..files import write_atomic
 
 CONFIG_FILE = "tokenizer_config.json"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -109,20 +110,58 @@ def split_specials(text: str, specials: dict[str, int]) -> list[str | int]:
 
 
 def read_chat_template(directory: str | os.PathLike) -> str | None:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
-        raise DataError(f"'{path}' is not a JSON object ({exc}); fix it or delete it to use the default template.") from exc
+    """The template of a tokenizer directory: tokenizer_config.json's `chat_template` (a string, or
+    HF's list of named templates, of which "default" is used), else HF's chat_template.jinja."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    template = None
+    if path.is_file():
+        try:
+            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            raise DataError(f"'{path}' is not a JSON object ({exc}); fix it or delete it to use the default template.") from exc
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     if template is not None and not isinstance(template, str):
-        raise DataError(f"'{path}': chat_template must be a string (a Jinja template).")
+        raise DataError(f"'{path}': chat_template must be a Jinja template string (or a list with a \"default\" one).")
     return template
 
 
 def write_tokenizer_config(directory: Path, template: str, role_names: dict[str, str]) -> None:
     data = {"chat_template": template, **{f"{role}_token": name for role, name in sorted(role_names.items())}}
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / CONFIG_FILE)
+    write_atomic(directory / CONFIG_FILE, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def encode_conversation(tok, messages, *, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """BOS + the rendered conversation as ids, and which of them are assistant output.
+
+    Encoded turn by turn: the text each message adds to the rendering is encoded on its own, and
+    so is an assistant message's generation prompt, before its content (the target). A chat prompt
+    (`add_generation_prompt`: the conversation so far, then the generation prompt) is encoded the
+    same way, so the ids a model is asked to continue are exactly the ids it was trained on before
+    an answer, whatever the tokenizer merges across turn boundaries."""
+    messages = check_messages(messages)
+    ids, trainable = [tok.bos_id], [False]
+    done = ""
+
+    def append(text: str, target: bool) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise DataError("the chat template renders a conversation differently from its beginning (the text of "
+                            "messages[:i] is not a prefix of messages[:i+1]), so turns cannot be located; use a "
+                            "template that appends one message at a time.")
+        piece = tok.encode_rendered(text[len(done):])
+        ids.extend(piece)
+        trainable.extend([target] * len(piece))
+        done = text
+
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            append(tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False), False)
+        append(tok.apply_chat_template(messages[:i + 1], tokenize=False), message["role"] == "assistant")
+    if add_generation_prompt:
+        append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False)
+    return ids, trainable

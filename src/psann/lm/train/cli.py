@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..config import RunConfig, dump_config, load_config
-from ..errors import PsannError
+from ..errors import ConfigError, PsannError
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +85,15 @@ def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
         from .checkpoint import read_checkpoint_config
 
         start = read_checkpoint_config(train.init_from).model
-        mine = model.changed([f.name for f in dataclasses.fields(ModelConfig)])
+        mine = [f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in config.given]
         model = ModelConfig(**{**start.to_dict(), **{k: getattr(model, k) for k in mine}})
         if not (data.tokenizer_model_path or data.path):
             data = dataclasses.replace(data, tokenizer_model_path=os.path.join(train.init_from, "tokenizer"))
+        if model.max_seq_len and "data.max_length" not in config.given:
+            data = dataclasses.replace(data, max_length=model.max_seq_len)
+        elif model.max_seq_len and data.max_length > model.max_seq_len:
+            raise ConfigError(f"data.max_length={data.max_length} is longer than the {model.max_seq_len}-token "
+                              f"context of {train.init_from}; lower it (or leave it unset to use the checkpoint's).")
     if model.base in BYTE_BASES and data.tokenizer == "auto" and not (data.tokenizer_model_path or data.path):
         data = dataclasses.replace(data, tokenizer="byte")
     if train.checkpoint_dir is None:

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..data.sft import SFTWindows, response_positions
 from ..eval.evaluate import evaluate_loss_sum, evaluate_nelbo
 from ..objectives import DiffusionBatch, causal_lm_loss_sum, diffusion_batch, diffusion_loss_sum
-from ..profiling import nvtx_range
+from ..profiling import memory_snapshot_from_env, nvtx_range
 from ..report.loggers import Loggers, open_loggers
 from ..report.metrics import plot_loss_curve
 from . import checkpoint as ckpt
@@ -385,7 +385,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
         try:
-            return self._fit()
+            with memory_snapshot_from_env(self.dist.rank):
+                return self._fit()
         finally:
             teardown(self.dist)
 
