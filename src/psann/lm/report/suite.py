@@ -91,7 +91,7 @@ class SuiteSettings:
 
 
 SCALES = {
-    # 188 s on the 2-core development VM (docs/reports.md)
+    # 28 s on the idle 2-core development VM (docs/reports.md)
     "cpu": dict(corpus_bytes=1_000_000, vocab_size=1024, max_length=128, d_model=128, n_layers=2, n_heads=4, steps=150,
                 batch_tokens=4096, bases=("transformer", "respsann"), grid_batch_tokens=(2048, 8192), grid_steps=8),
     "gpu": dict(corpus_bytes=20_000_000, vocab_size=8192, max_length=512, d_model=512, n_layers=8, n_heads=8, steps=1000,
