@@ -53,11 +53,14 @@ def test_console_and_jsonl(tmp_path, capsys):
     loggers = open_loggers(["console", "jsonl"], tmp_path)
     loggers.log(TRAIN)
     loggers.log(VAL)
+    loggers.log({**TRAIN, "mfu": 0.4321})
     loggers.close()
-    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [TRAIN, VAL]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [TRAIN, VAL, {**TRAIN, "mfu": 0.4321}]
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["train step 10: loss 2.5, lr 0.0003, tok_per_s 12,346",
-                     "val step 10: val_loss 2.75, val_ppl 15.6, val_nelbo_se 0.01"]
+                     "val step 10: val_loss 2.75, val_ppl 15.6, val_nelbo_se 0.01",
+                     "train step 10: loss 2.5, lr 0.0003, mfu 43.2%, tok_per_s 12,346"]
 
 
 def test_tensorboard_writes_scalars_by_kind_and_step(tmp_path):

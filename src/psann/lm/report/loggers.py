@@ -52,7 +52,8 @@ class ConsoleLogger:
     HIDDEN = ("epoch", "tokens", "elapsed_s", "tflops_per_device", "val_tokens")  # in the files; too much for a line
 
     def log(self, record: dict) -> None:
-        values = ", ".join(f"{k} {_short(v)}" for k, v in scalars(record).items() if k not in self.HIDDEN)
+        values = ", ".join(f"{k} {v:.1%}" if k == "mfu" else f"{k} {_short(v)}"
+                           for k, v in scalars(record).items() if k not in self.HIDDEN)
         tqdm.write(f"{record.get('kind')} step {record.get('step')}: {values}", file=sys.stderr)
 
     def close(self) -> None:
