@@ -201,7 +201,7 @@ def test_score_rows_picks_the_best_choice_three_ways(scorer):
         ll = lls[3 * k:3 * k + 3]
         acc += max(range(3), key=lambda i: (ll[i], -i)) == row["gold"]
         acc_norm += max(range(3), key=lambda i: (ll[i] / len(row["choices"][i]), -i)) == row["gold"]
-    assert result["questions"] == 4
+    assert result["questions"] == 4 and result["chance"] == pytest.approx(1 / 3)
     assert result["acc"] == acc / 4 and result["acc_norm"] == acc_norm / 4
 
 

@@ -17,7 +17,8 @@ TARGET_DELIMITER = " "  # lm-eval's default between a query and its choice
 
 
 def score_rows(scorer, rows: list[dict], batch_size: int) -> dict:
-    """acc, acc_norm, acc_bytes (with their standard errors) of `scorer` (a loglik.Scorer) on `rows`."""
+    """acc, acc_norm, acc_bytes (with their standard errors) of `scorer` (a loglik.Scorer) on `rows`,
+    and `chance`, the accuracy of a uniform guess."""
     pairs = [(row["query"], TARGET_DELIMITER + choice) for row in rows for choice in row["choices"]]
     lls = iter(ll for ll, _ in scorer.loglikelihood(pairs, batch_size, desc="eval mc"))
     hits = {"acc": [], "acc_norm": [], "acc_bytes": []}
@@ -27,7 +28,7 @@ def score_rows(scorer, rows: list[dict], batch_size: int) -> dict:
         nbytes = np.array([len(c.encode("utf-8")) for c in row["choices"]], dtype=float)
         for name, score in (("acc", ll), ("acc_norm", ll / chars), ("acc_bytes", ll / nbytes)):
             hits[name].append(float(np.argmax(score) == row["gold"]))
-    result = {"questions": len(rows)}
+    result = {"questions": len(rows), "chance": float(np.mean([1 / len(row["choices"]) for row in rows]))}
     for name, values in hits.items():
         mean = float(np.mean(values))
         result[name] = mean
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None, prog: str = "psannlm eval mc") -> int:
         return 0
     for r in results:
         print(f"{Path(r['data']).name}: {r['questions']} questions  acc {r['acc']:.1%}  acc_norm {r['acc_norm']:.1%}  "
-              f"acc_bytes {r['acc_bytes']:.1%}")
+              f"acc_bytes {r['acc_bytes']:.1%}  (chance {r['chance']:.1%})")
     if results[0]["bound"]:
         print("diffusion model: log-likelihoods are Monte-Carlo lower bounds (ELBO), so these accuracies are approximate.")
     return 0
