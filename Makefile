@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all test-report bench clean
 
 # (Re)install whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# The default suite with its artefacts kept in reports/tests/<timestamp>/ (junit.xml, summary.json, system.json, stdout.log).
+test-report: $(STAMP)
+	$(BIN)/python scripts/run_tests.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

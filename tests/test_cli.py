@@ -99,3 +99,21 @@ def test_console_script_entry_point():
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "psannlm"]
     assert ep.value == "psann.cli:main"
+
+
+def test_run_tests_script_keeps_artefacts(tmp_path):
+    """scripts/run_tests.py: pytest's exit code, and stdout.log, junit.xml, summary.json, system.json."""
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_three.py").write_text(
+        "import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n\n"
+        "@pytest.mark.skip(reason='shown')\ndef test_skipped():\n    pass\n", encoding="utf-8")
+    out = tmp_path / "report"
+    proc = run("scripts/run_tests.py", "--out", str(out), "--", str(tests), "-q", "-p", "no:cacheprovider", check=False)
+    assert proc.returncode == 1 and "1 failed, 1 passed, 1 skipped" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 1 and summary["counts"] == {"tests": 3, "passed": 1, "failed": 1, "errors": 0,
+                                                                "skipped": 1}
+    assert "1 failed, 1 passed, 1 skipped" in (out / "stdout.log").read_text()
+    system = json.loads((out / "system.json").read_text())
+    assert system["versions"]["torch"] and system["device"]["type"] in ("cpu", "cuda")
