@@ -18,6 +18,7 @@ Diffusion checkpoints have no exact likelihood; they get a Monte-Carlo lower bou
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,7 +89,8 @@ def _batches(windows: Sequence[Window], batch_size: int, desc: str | None):
     """Indices of `windows` in batches, longest first."""
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
+    quiet = desc is None or len(starts) < 2 or not sys.stderr.isatty()  # no bar in logs and pipes
+    for start in tqdm(starts, desc=desc, disable=quiet, leave=False):
         yield order[start:start + batch_size]
 
 
