@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args, pytest_args = parser.parse_known_args(argv)
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
-    out = Path(args.out) if args.out else ROOT / "reports" / "tests" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out).resolve() if args.out else ROOT / "reports" / "tests" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pytest", f"--junitxml={out / 'junit.xml'}", *(["-m", "gpu"] if args.gpu else []),
                *pytest_args]

@@ -126,6 +126,13 @@ def test_diffusion_sft_masks_only_assistant_turns_and_padding(bpe):
     assert x[0, len(ids) - 1:].tolist() == [bpe.eos_id] * 6
 
 
+def test_a_template_that_writes_bos_gets_one_bos():
+    tok = build_tokenizer("bpe", TEXTS, vocab_size=300)
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    ids, trainable = encode_conversation(tok, CONVERSATION[1:3])
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 and len(ids) == len(trainable)
+
+
 def test_template_that_rewrites_history_is_refused(bpe):
     from psann.lm.tokenizers import build_tokenizer as build
 
@@ -214,6 +221,21 @@ def test_init_from_takes_keys_the_config_names_and_the_checkpoint_context(chat_m
     assert resolved.data.tokenizer_model_path == str(ckpt / "tokenizer")
     with pytest.raises(ConfigError, match="longer than the 48-token context"):
         resolve_run_config(load_config(None, base + ["--data.max_length=96"]))
+    resumed = resolve_run_config(load_config(None, base + [f"--train.resume_from={ckpt}"]))  # resuming a fine-tune
+    assert resumed.model == resolved.model.__class__(**{**resolved.model.to_dict(), "d_model": 64})
+    from psann.lm.train.cli import main as train_main
+
+    assert train_main(["--print-config", *base]) == 0  # shows what will run: the checkpoint's model
+
+
+def test_init_from_refuses_data_with_another_tokenizer(chat_model, tmp_path):
+    _, ckpt, _ = chat_model
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION[1:3]}) + "\n", encoding="utf-8")
+    dp = psannLMDataPrep.from_sft([path], tokenizer="char", max_length=48, val_split=0.0)
+    with pytest.raises(ConfigError, match="not the one"):
+        psannLM(d_model=64, n_layers=2, n_heads=4).fit(dp, init_from=str(ckpt), max_steps=1, progress=False,
+                                                      checkpoint_dir=str(tmp_path / "run"))
 
 
 def _chat_command(ckpt, *extra):

@@ -94,13 +94,19 @@ def test_generate_until_stops_at_until_and_max_gen_toks(lm, caplog):
     with caplog.at_level(logging.WARNING, logger="psann.lm"):
         assert lm.generate_until(requests("generate_until", [(context, greedy)]))[0] == full
     assert "ignored" not in caplog.text and len(set(sampled)) > 1
+    # a temperature alone samples, and max_new_tokens is lm-eval's alias of max_gen_toks
+    alone = [lm.generate_until(requests("generate_until", [(context, {"until": [], "temperature": 5.0, "seed": seed})]))[0]
+             for seed in range(4)]
+    assert len(set(alone)) > 1
+    assert lm.generate_until(requests("generate_until", [(context, {"until": [], "max_new_tokens": 4})]))[0] == short
 
 
-def test_device_and_batch_size_in_model_args_are_not_given_twice(ckpt):
-    argv = lm_eval_argv(["--model_args", f"ckpt={ckpt},device=cpu,batch_size=2"], None, None, [])
-    assert "--device" not in argv and "--batch_size" not in argv
-    argv = lm_eval_argv(["--model_args", json.dumps({"ckpt": ckpt, "device": "cpu"})], None, None, [])
-    assert "--device" not in argv and argv[argv.index("--batch_size") + 1] == "8"
+def test_model_args_win_over_lm_evals_device_and_batch_size(ckpt):
+    # lm-eval passes its --device/--batch_size (defaults included) beside model_args
+    lm = PsannLM.create_from_arg_string(f"ckpt={ckpt},device=cpu,batch_size=2", {"device": "auto", "batch_size": 1})
+    assert lm.batch_size == 2 and str(lm._device) == "cpu"
+    lm = PsannLM.create_from_arg_obj({"ckpt": ckpt}, {"device": "cpu", "batch_size": 3, "max_batch_size": None})
+    assert lm.batch_size == 3
 
 
 def test_chat_template_and_names(lm):
@@ -129,7 +135,7 @@ def test_byte_and_diffusion_checkpoints(tmp_path, caplog):
     assert bound < 0
     with caplog.at_level(logging.WARNING, logger="psann.lm"):
         [text] = diffusion.generate_until(requests("generate_until", [("tom", {"max_gen_toks": 400, "until": ["e"]})]))
-    assert "capped at 24 tokens" in caplog.text and "e" not in text and len(text) <= 24  # char tokens: one per char
+    assert "generating 24" in caplog.text and "e" not in text and len(text) <= 24  # char tokens: one per char
 
 
 def test_main_builds_the_lm_eval_command(ckpt, task_files, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def dump_memory_snapshot(path: str | os.PathLike) -> Path | None:
 @contextlib.contextmanager
 def memory_snapshot_from_env(rank: int = 0):
     """With PSANN_CUDA_MEMORY_SNAPSHOT=run.pickle on CUDA, record every allocation while the block
-    runs and dump the history there at its end, also when it fails (an out-of-memory error is when
+    (the trainer's fit: the training loop, not the model's construction) runs and dump the history there at its end, also when it fails (an out-of-memory error is when
     it is wanted most); rank r > 0 writes run.rank<r>.pickle. Otherwise a no-op."""
     path = os.environ.get(MEMORY_SNAPSHOT_ENV)
     if not path or not start_memory_history():
@@ -72,8 +73,12 @@ def memory_snapshot_from_env(rank: int = 0):
         target = Path(path)
         if rank:
             target = target.with_name(f"{target.stem}.rank{rank}{target.suffix}")
-        dump_memory_snapshot(target)
-        stop_memory_history()
+        try:
+            dump_memory_snapshot(target)
+        except (OSError, RuntimeError) as exc:  # never hide the error the block raised (an OOM, say)
+            logging.getLogger("psann.lm").warning("CUDA memory snapshot not written to %s: %s", target, exc)
+        finally:
+            stop_memory_history()
 
 
 def memory_summary(device: torch.device | str | None = None) -> dict:

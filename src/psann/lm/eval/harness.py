@@ -18,6 +18,7 @@ import tempfile
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs
 except ImportError as exc:  # an optional extra
     raise ImportError("the lm-eval harness needs the 'eval' extra: pip install 'psann-lm[eval]'") from exc
 
@@ -65,6 +66,19 @@ class PsannLM(LM):
         self.batch_size, self.seed, self.max_gen_toks = _batch_size(batch_size), int(seed), int(max_gen_toks)
         self._device = next(self.lm.model.parameters()).device
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "PsannLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "PsannLM":
+        """lm-eval passes its --device/--batch_size (with its own defaults) beside model_args;
+        a key given in model_args wins instead of clashing."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
     @property
     def is_bound(self) -> bool:
         return self.scorer.diffusion is not None
@@ -110,26 +124,25 @@ class PsannLM(LM):
         return results
 
     def _generate(self, contexts: list[str], options: dict) -> list[str]:
-        options = dict(options)
-        until = options.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(options.pop("max_gen_toks", self.max_gen_toks))
-        # lm-eval's convention: greedy unless do_sample; do_sample without a temperature samples at 1.
-        do_sample = bool(options.pop("do_sample", False))
-        temperature = float(options.pop("temperature", 1.0))
-        if not do_sample:
-            temperature = 0.0
+        # lm-eval's own reading of gen_kwargs: max-token aliases, `until` as a list, sampling when
+        # do_sample is true or a temperature > 0 is given without it.
+        options = dict(normalize_gen_kwargs(dict(options), default_max_gen_toks=self.max_gen_toks))
+        until, max_new = options.pop("until"), int(options.pop("max_gen_toks"))
+        do_sample, temperature = options.pop("do_sample"), float(options.pop("temperature", 0.0))
+        temperature = temperature if do_sample else 0.0
         ignored = sorted(set(options) - GENERATE_OPTIONS)
         if ignored:
             log.warning("eval: generation options %s do not apply to psann models; ignored.", ignored)
-        if self.is_bound and max_new > self.max_length // 2:  # the prompt and the canvas share the context
-            log.warning("eval: diffusion generation capped at %d tokens (half the context).", self.max_length // 2)
-            max_new = self.max_length // 2
+        cap = self.max_length // 2 if self.is_bound else self.max_length - 1  # diffusion: prompt and canvas share it
+        if max_new > cap:  # as lm-eval's HF model does: keep room for the prompt
+            log.warning("eval: max_gen_toks=%d does not fit the %d-token context; generating %d.", max_new,
+                        self.max_length, cap)
+            max_new = cap
         # Not the checkpoint's saved sampling defaults: lm-eval asks for plain greedy unless it says otherwise.
         gen = GenerateConfig(max_new_tokens=max_new, temperature=temperature, stop=until,
                              **{"seed": self.seed, **{k: v for k, v in options.items() if k in GENERATE_OPTIONS}})
         tok = self.tokenizer
-        keep = max(1, self.max_length - max_new)  # prompt + answer within max_length, as scoring is
+        keep = self.max_length - max_new  # prompt + answer within max_length, as scoring is
         prompts = [[tok.bos_id, *tok.encode_rendered(c)][-keep:] for c in contexts]
         return self.lm.complete_ids(prompts, gen, stop_ids=tok.chat_stop_ids)
 
@@ -161,21 +174,6 @@ def _underscored(arg: str) -> str:
     return "--" + name.replace("-", "_") + sep + value
 
 
-def _model_arg_keys(argv: list[str]) -> set[str]:
-    """Keys named in every --model_args value (lm-eval's key=value,... form or JSON)."""
-    keys: set[str] = set()
-    for i, arg in enumerate(argv):
-        if arg.split("=", 1)[0] not in ("--model_args", "-a"):
-            continue
-        value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-        try:
-            keys |= set(json.loads(value)) if value.lstrip().startswith("{") else \
-                {part.split("=", 1)[0].strip() for part in value.split(",") if "=" in part}
-        except ValueError:
-            pass  # lm-eval reports a malformed value itself
-    return keys
-
-
 def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, task_names: list[str]) -> list[str]:
     """The arguments of `lm-eval run`: ours filled in (model psann, device auto, batch size 8 unless given)."""
     out = [_underscored(a) for a in argv]
@@ -183,11 +181,9 @@ def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, ta
         out += ["--model", "psann"]
     if ckpt:
         out += ["--model_args", json.dumps({"ckpt": ckpt})]
-    # lm-eval passes --device/--batch_size to the model beside model_args: a key in both is an error
-    given = _model_arg_keys(out)
-    if not _has(out, "--device") and "device" not in given:
+    if not _has(out, "--device"):  # defaults; device or batch_size in model_args win (create_from_arg_obj)
         out += ["--device", "auto"]
-    if not _has(out, "--batch_size", "-b") and "batch_size" not in given:
+    if not _has(out, "--batch_size", "-b"):
         out += ["--batch_size", "8"]
     if include_path:
         if _has(out, "--include_path"):

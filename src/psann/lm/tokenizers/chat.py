@@ -164,4 +164,6 @@ def encode_conversation(tok, messages, *, add_generation_prompt: bool = False) -
         append(tok.apply_chat_template(messages[:i + 1], tokenize=False), message["role"] == "assistant")
     if add_generation_prompt:
         append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False)
+    if ids[1:2] == [tok.bos_id]:  # a template that writes {{ bos_token }} itself (Llama style): one BOS
+        del ids[0], trainable[0]
     return ids, trainable

@@ -70,30 +70,41 @@ def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[s
     return overrides
 
 
+def apply_init_from(config: RunConfig) -> RunConfig:
+    """Fine-tuning (train.init_from, also when resuming such a run): the checkpoint's model config
+    with the model keys the config names on top, its tokenizer unless data names one, and its
+    context as data.max_length unless set (longer is an error). "Names" means the keys of the config
+    file and overrides (`RunConfig.given`); a RunConfig built in Python names none."""
+    train, data = config.train, config.data
+    if not train.init_from:
+        return config
+    from ..config import ModelConfig
+    from .checkpoint import read_checkpoint_config
+
+    start = read_checkpoint_config(train.init_from).model
+    mine = [f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in config.given]
+    model = ModelConfig(**{**start.to_dict(), **{k: getattr(config.model, k) for k in mine}})
+    if not (data.tokenizer_model_path or data.path):
+        data = dataclasses.replace(data, tokenizer_model_path=os.path.join(train.init_from, "tokenizer"))
+    if model.max_seq_len and "data.max_length" not in config.given:
+        data = dataclasses.replace(data, max_length=model.max_seq_len)
+    elif model.max_seq_len and data.max_length > model.max_seq_len:
+        raise ConfigError(f"data.max_length={data.max_length} is longer than the {model.max_seq_len}-token "
+                          f"context of {train.init_from}; lower it (or leave it unset to use the checkpoint's).")
+    return dataclasses.replace(config, model=model, data=data)
+
+
 def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
-    """Fill defaults that depend on the run: the run directory (rank 0's, on every rank), the
-    data cache inside it (one per rank: ranks tokenise side by side), and the byte tokenizer for
-    the byte-level bases when the tokenizer is left on auto."""
+    """Fill defaults that depend on the run: fine-tuning's model and tokenizer (apply_init_from), the
+    run directory (rank 0's, on every rank), the data cache inside it (one per rank: ranks tokenise
+    side by side), and the byte tokenizer for the byte-level bases when the tokenizer is left on auto."""
     from ..models import BYTE_BASES
     from .distributed import DistInfo, broadcast_object
     from .trainer import new_run_dir
 
     info = info or DistInfo()
+    config = apply_init_from(config)
     train, data, model = config.train, config.data, config.model
-    if train.init_from and not train.resume_from:
-        from ..config import ModelConfig
-        from .checkpoint import read_checkpoint_config
-
-        start = read_checkpoint_config(train.init_from).model
-        mine = [f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in config.given]
-        model = ModelConfig(**{**start.to_dict(), **{k: getattr(model, k) for k in mine}})
-        if not (data.tokenizer_model_path or data.path):
-            data = dataclasses.replace(data, tokenizer_model_path=os.path.join(train.init_from, "tokenizer"))
-        if model.max_seq_len and "data.max_length" not in config.given:
-            data = dataclasses.replace(data, max_length=model.max_seq_len)
-        elif model.max_seq_len and data.max_length > model.max_seq_len:
-            raise ConfigError(f"data.max_length={data.max_length} is longer than the {model.max_seq_len}-token "
-                              f"context of {train.init_from}; lower it (or leave it unset to use the checkpoint's).")
     if model.base in BYTE_BASES and data.tokenizer == "auto" and not (data.tokenizer_model_path or data.path):
         data = dataclasses.replace(data, tokenizer="byte")
     if train.checkpoint_dir is None:
@@ -154,7 +165,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cl
     add_spec_args(parser)
     args, extra = parser.parse_known_args(argv)
     try:
-        config = load_config(args.config, [*spec_overrides(args), *split_overrides(extra, parser)])
+        config = apply_init_from(load_config(args.config, [*spec_overrides(args), *split_overrides(extra, parser)]))
         if args.print_config:
             print(dump_config(config), end="")
             return 0

@@ -156,6 +156,17 @@ def halve_micro_batch(plan: BatchPlan) -> BatchPlan | None:
     return dataclasses.replace(plan, micro_batch_size=micro, grad_accum_steps=per_rank // micro)
 
 
+def check_same_tokenizer(tokenizer, checkpoint: str) -> None:
+    """Weights only mean something with the ids they were trained on."""
+    from ..tokenizers import load_tokenizer, tokenizer_fingerprint
+
+    theirs = load_tokenizer(Path(checkpoint) / ckpt.TOKENIZER)
+    if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"the data's tokenizer ({tokenizer.kind}, vocab {tokenizer.vocab_size}) is not the one "
+                          f"{checkpoint} was trained with ({theirs.kind}, vocab {theirs.vocab_size}); use "
+                          f"data.tokenizer_model_path={Path(checkpoint) / ckpt.TOKENIZER} (or leave it unset).")
+
+
 def new_run_dir(root: str = "runs") -> Path:
     return Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -187,6 +198,7 @@ class Trainer:
         run_dir = cfg.checkpoint_dir or (str(new_run_dir()) if self.dist.is_main else None)
         self.run_dir = Path(broadcast_object(run_dir, self.dist))
         if cfg.init_from and not cfg.resume_from:
+            check_same_tokenizer(tokenizer, cfg.init_from)
             ckpt.load_weights(self.model, cfg.init_from)
             log.info("initialised weights from %s", cfg.init_from)
         # The weights were initialised identically on every rank; dropout and sampling now differ.
