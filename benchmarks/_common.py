@@ -23,6 +23,16 @@ def add_tinystories_args(p: argparse.ArgumentParser, valid_bytes: int | None = N
         p.add_argument("--valid-bytes", type=int, default=valid_bytes, help="score this many bytes of the valid head")
 
 
+def add_small_lm_args(p: argparse.ArgumentParser) -> None:
+    """The size of the TinyStories BPE models the base and objective comparisons train."""
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+
+
 def require_inputs(args: argparse.Namespace) -> None:
     for path in (args.train, args.valid):
         if not Path(path).exists():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import add_tinystories_args, cpu_name, require_inputs
+from _common import add_small_lm_args, add_tinystories_args, cpu_name, require_inputs
 
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import ModelConfig
@@ -39,12 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=100.0, help="training seconds per run")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3")
     p.add_argument("--bases", default="transformer,respsann,waveresnet")
-    p.add_argument("--d-model", type=int, default=192)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    add_small_lm_args(p)
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import add_tinystories_args, cpu_name, require_inputs, validation_head
+from _common import add_small_lm_args, add_tinystories_args, cpu_name, require_inputs, validation_head
 
 from bases import seconds_per_step
 from psann.lm import psannLM, psannLMDataPrep
@@ -46,12 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_tinystories_args(p, valid_bytes=VALID_BYTES)
     p.add_argument("--budget-s", type=float, default=300.0)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--d-model", type=int, default=192)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    add_small_lm_args(p)
     p.add_argument("--mc-draws", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
