@@ -13,7 +13,6 @@ answer ends); the objective never masks the rest (see `response_positions`).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..files import jsonl_rows
 from ..tokenizers.chat import check_messages, encode_conversation
 from .loader import IGNORE_INDEX
 
@@ -35,13 +35,8 @@ def read_sft_jsonl(paths: list[str | os.PathLike]) -> list[Example]:
         if not path.is_file():
             raise DataError(f"SFT file not found: {path}. Give JSONL files with one {{\"prompt\", \"response\"}} or "
                             "{\"messages\": [...]} object per line.")
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}).") from exc
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, row in jsonl_rows(lines, path, "write one JSON object per line."):
             if isinstance(row, dict) and "messages" in row:
                 try:
                     messages = check_messages(row["messages"])
@@ -54,7 +49,7 @@ def read_sft_jsonl(paths: list[str | os.PathLike]) -> list[Example]:
                 examples.append((row["prompt"], row["response"]))
             else:
                 raise DataError(f"{path}:{number}: each line must be an object with string fields \"prompt\" and "
-                                f"\"response\", or a \"messages\" list, got {line[:80]!r}.")
+                                f"\"response\", or a \"messages\" list, got {lines[number - 1][:80]!r}.")
     if not examples:
         raise DataError(f"no prompt/response pairs or conversations in {', '.join(map(str, paths))}.")
     return examples

@@ -10,13 +10,13 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 from ..errors import DataError
+from ..files import jsonl_rows
 from .text import CountingDecoder
 
 SEPARATOR_ALIASES = {"blank": "\n\n", "line": "\n", "eot": "<|endoftext|>", "none": None}
@@ -121,14 +121,7 @@ def _text_documents(fh: IO[str], separator: str | None) -> Iterator[str]:
 
 
 def _jsonl_documents(fh: IO[str], text_key: str, path: Path) -> Iterator[str]:
-    for number, line in enumerate(fh, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); each line of a .jsonl file must be "
-                            f"one JSON object.") from None
+    for number, record in jsonl_rows(fh, path, "each line of a .jsonl file must be one JSON object."):
         if not isinstance(record, dict) or text_key not in record:
             keys = list(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{number}: no {text_key!r} field (found {keys}); pick the field with --text-key.")

@@ -10,7 +10,6 @@ task YAML per data file that includes its template and names the file, for lm-ev
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError, DataError
+from ..files import jsonl_rows
 
 TEMPLATES = {"mc": Path(__file__).with_name("tasks") / "psann_mc.yaml",
              "ppl": Path(__file__).with_name("tasks") / "psann_ppl.yaml"}
@@ -52,14 +52,8 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
         raise DataError(f"task data file not found: {path}")
     check = {"mc": _check_mc, "ppl": _check_ppl}[kind]
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in jsonl_rows(path.read_text(encoding="utf-8").splitlines(), path, "write one JSON object per line."):
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where} is not valid JSON ({exc.msg}); write one JSON object per line.") from exc
         if not isinstance(row, dict):
             raise DataError(f"{where}: each line must be a JSON object.")
         check(row, where)

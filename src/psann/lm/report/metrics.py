@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
 from pathlib import Path
 
-from ..errors import DataError
+from ..files import jsonl_rows
 
 log = logging.getLogger("psann.lm")
 
@@ -16,16 +15,8 @@ log = logging.getLogger("psann.lm")
 def read_metrics(jsonl_path: str | os.PathLike) -> list[dict]:
     """metrics.jsonl -> records, naming the file and line of a bad line."""
     path = Path(jsonl_path)
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); the run may have been cut off while "
-                            "writing: delete that line and try again.") from exc
-    return records
+    hint = "the run may have been cut off while writing: delete that line and try again."
+    return [record for _, record in jsonl_rows(path.read_text(encoding="utf-8").splitlines(), path, hint)]
 
 
 def median_of(records: list[dict], key: str) -> float | None:
