@@ -4,6 +4,7 @@ import csv
 import json
 import struct
 import sys
+import time
 
 import pytest
 
@@ -91,6 +92,8 @@ def wandb_records(path):
         if kind == 0:  # block padding
             break
         assert kind == 1, "a record split across blocks: the test file grew past 32 KiB"
+        if pos + 7 + length > len(data):  # still being written
+            break
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data[pos + 7:pos + 7 + length])
         records.append((record.WhichOneof("record_type"), record))
@@ -110,7 +113,12 @@ def test_wandb_offline_run_holds_the_config_and_history(tmp_path, monkeypatch):
     loggers.log({**VAL, "step": 20})
     loggers.close()
     [log_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    # wandb's service process writes the file behind run.finish(); its last record is "exit"
+    deadline = time.monotonic() + 60
     records = wandb_records(log_file)
+    while not any(kind == "exit" for kind, _ in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = wandb_records(log_file)
     run = next(r.run for kind, r in records if kind == "run")
     assert run.display_name == "run" and run.project == "tests"
     assert json.loads({i.key: i.value_json for i in run.config.update}["train"]) == {"lr": 0.01}
