@@ -212,6 +212,7 @@ def test_train_cli_fine_tunes_a_checkpoint_on_conversations(chat_model, tmp_path
 
 def test_init_from_takes_keys_the_config_names_and_the_checkpoint_context(chat_model, tmp_path):
     from psann.lm.config import load_config
+    from psann.lm.train.checkpoint import read_checkpoint_config
     from psann.lm.train.cli import resolve_run_config
 
     _, ckpt, _ = chat_model
@@ -221,8 +222,10 @@ def test_init_from_takes_keys_the_config_names_and_the_checkpoint_context(chat_m
     assert resolved.data.tokenizer_model_path == str(ckpt / "tokenizer")
     with pytest.raises(ConfigError, match="longer than the 48-token context"):
         resolve_run_config(load_config(None, base + ["--data.max_length=96"]))
-    resumed = resolve_run_config(load_config(None, base + [f"--train.resume_from={ckpt}"]))  # resuming a fine-tune
-    assert resumed.model == resolved.model.__class__(**{**resolved.model.to_dict(), "d_model": 64})
+    with pytest.raises(ConfigError, match="both set"):  # a resume continues a run; it starts from no other weights
+        resolve_run_config(load_config(None, base + [f"--train.resume_from={ckpt}"]))
+    resumed = resolve_run_config(load_config(None, [f"--train.resume_from={ckpt}", f"--train.checkpoint_dir={tmp_path}"]))
+    assert resumed.model == read_checkpoint_config(ckpt).model  # resuming takes the checkpoint's model
     from psann.lm.train.cli import main as train_main
 
     assert train_main(["--print-config", *base]) == 0  # shows what will run: the checkpoint's model

@@ -26,11 +26,12 @@ def test_train_encode_stats(tmp_path):
     out = tmp_path / "tok"
     trained = json.loads(psannlm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "500",
                                  "--special-token", "<|endoftext|>", "--out", str(out)).stdout)
-    # 256 bytes, <|endoftext|> and the four chat tokens reserved by default
-    assert trained["special_tokens"] == ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    assert trained["merges"] == 500 - 261 and (out / "vocab.json").exists() and (out / "merges.txt").exists()
+    # 256 bytes, <|endoftext|>, the four chat tokens reserved by default and BOS/PAD, all within --vocab-size
+    assert trained["special_tokens"] == ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                                         "<|bos|>", "<|pad|>"]
+    assert trained["merges"] == 500 - 263 and (out / "vocab.json").exists() and (out / "merges.txt").exists()
     tok = load_tokenizer(out)
-    assert tok.kind == "bpe"
+    assert tok.kind == "bpe" and tok.vocab_size == trained["vocab_size"] == 500
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])[0] == tok.special_token_ids["<|user|>"]
 
     ids_path = tmp_path / "ids.npy"
@@ -60,4 +61,5 @@ def test_bad_input_is_named(tmp_path):
     small.write_text("hello", encoding="utf-8")
     too_small = psannlm("tokenizer", "train", "--input", str(small), "--vocab-size", "100",
                         "--out", str(tmp_path / "t"), check=False)
-    assert too_small.returncode == 2 and "at least 261" in too_small.stderr
+    assert too_small.returncode == 2 and "--vocab-size 100 is too small" in too_small.stderr
+    assert "at least 263" in too_small.stderr

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, so a bad count is a usage error naming its flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=at_least(1))
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -25,45 +40,82 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generation_options(args) -> dict:
+    from psann.lm.errors import ConfigError
+
+    if "" in (args.stop or []):
+        raise ConfigError("--stop '' would end every reply before it starts; give a non-empty stop string.")
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "steps",
              "block_length", "remasking", "cfg_scale", "suppress_eos")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+@contextlib.contextmanager
+def _flag_names(options: dict):
+    """Errors about generation settings name the flags the user typed (--top-k), not the config keys (generate.top_k)."""
+    from psann.lm.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        message = str(exc)
+        for name in options:
+            message = message.replace(f"'generate.{name}'", "--" + name.replace("_", "-"))
+        raise ConfigError(message) from None
 
 
 def cmd_chat(args) -> int:
     from psann.lm import psannLM
     from psann.lm.infer.chat import ChatSession, chat_loop
 
+    options = _generation_options(args)
     lm = psannLM.load(args.ckpt, device=args.device)
-    session = ChatSession(lm, system=getattr(args, "system", None), **_generation_options(args))
+    with _flag_names(options):
+        session = ChatSession(lm, system=getattr(args, "system", None), **options)
     if args.print_config:
         print(json.dumps(session.settings.to_dict(), indent=2))
         return 0
     return chat_loop(session)
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """The non-blank lines of --prompt-file. Unlike training text, prompts are not read with
+    replacement: a prompt of U+FFFD characters would only sample noise, so bad bytes are an error."""
+    from psann.lm.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise DataError(f"--prompt-file {path} {what}; give a text file with one prompt per line.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--prompt-file {path} is not UTF-8 text (invalid byte at offset {exc.start}); "
+                        "save it as UTF-8.") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"--prompt-file {path} is empty (no non-blank lines); write one prompt per line.")
+    return prompts
+
+
 def cmd_generate(args) -> int:
     from psann.lm import psannLM
+    from psann.lm.errors import ConfigError
 
     if args.interactive:
         if args.prompt or args.prompt_file:
-            raise SystemExit("error: --interactive reads messages from the terminal; drop --prompt/--prompt-file.")
+            raise ConfigError("--interactive reads messages from the terminal; drop --prompt/--prompt-file.")
         return cmd_chat(args)
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise SystemExit(f"error: prompt file not found: {path}")
-        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += read_prompt_file(args.prompt_file)
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line).")
-    lm = psannLM.load(args.ckpt, device=args.device)
+        raise ConfigError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line).")
     options = _generation_options(args)
+    lm = psannLM.load(args.ckpt, device=args.device)
+    with _flag_names(options):
+        gen = lm.generation_settings(**options)
     if args.print_config:
-        from psann.lm.config import GenerateConfig
-
-        gen = GenerateConfig(**{**lm.generate_config.to_dict(), **options})
-        gen.check_objective(lm.model_config.objective)
         print(json.dumps(gen.to_dict(), indent=2))
         return 0
     batch = [p for p in prompts for _ in range(args.num_samples)]
@@ -78,18 +130,37 @@ EVAL_COLUMNS = (("base", "base", "{}"), ("objective", "objective", "{}"), ("para
                 ("accuracy", "acc", "{:.1%}"), ("top5_accuracy", "top-5", "{:.1%}"), ("utf8_valid", "UTF-8 ok", "{:.0%}"))
 
 
+def read_eval_data(paths: list[str]) -> list[str]:
+    """The text of each --data file, checked before any checkpoint loads. Invalid UTF-8 is replaced
+    with a warning, as training does; an empty file is an error, since scoring nothing would report a
+    perfect perplexity of 1."""
+    from psann.lm.data.text import read_text_file
+    from psann.lm.errors import DataError
+
+    texts = []
+    for path in paths:
+        if not Path(path).exists():  # --data is always a file, never literal text to score
+            raise DataError(f"--data {path} not found; check the path.")
+        texts.append(read_text_file(Path(path)))
+        if not texts[-1].strip():
+            raise DataError(f"--data {path} has no text to score (the file is empty or only whitespace); "
+                            "give a text file.")
+    return texts
+
+
 def cmd_eval(args) -> int:
     import torch
 
-    from psann.lm.data.text import iter_documents
+    from psann.lm.data.text import split_documents
     from psann.lm.eval.evaluate import evaluate_text
     from psann.lm.models import count_parameters
     from psann.lm.train.checkpoint import load_checkpoint
 
+    texts = read_eval_data(args.data)
     results = []
     for ckpt in args.ckpt:  # the seed's compare_checkpoints: several checkpoints, one table
         model, tok, config = load_checkpoint(ckpt, args.device)
-        docs = list(iter_documents(args.data, config.data.doc_separator))
+        docs = [d for text in texts for d in split_documents(text, config.data.doc_separator)]
         diffusion = config.model.objective == "diffusion"
         metrics = evaluate_text(model, tok, docs, config.model.max_seq_len, args.batch_size, torch.device(args.device),
                                 samples=args.samples, sample_bytes=args.sample_bytes, seed=args.seed,
@@ -139,6 +210,16 @@ def cmd_demo(args, extra) -> int:
                     chat_steps=args.chat_steps)
 
 
+def command_parsers(parser: argparse.ArgumentParser):
+    """(command name, parser) of every command and sub-command of `parser`."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        yield name, command
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from ((name, p) for p in action.choices.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from psann import __version__
 
@@ -154,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. runs/<name>/checkpoints/final)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompt-file", help="file with one prompt per line")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--num-samples", type=at_least(1), default=1, help="samples per prompt")
     p.add_argument("--interactive", action="store_true", help="chat in the terminal (same as psannlm chat)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--print-config", action="store_true", help="print the resolved generation settings and exit")
@@ -172,12 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint directory (repeat to compare several)")
     p.add_argument("--data", nargs="+", required=True, help="text files")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--samples", type=int, default=8, help="sampled continuations for the UTF-8 validity check (byte models)")
-    p.add_argument("--sample-bytes", type=int, default=128, help="length of each sampled continuation")
+    p.add_argument("--samples", type=at_least(0), default=8, help="sampled continuations for the UTF-8 validity check (byte models)")
+    p.add_argument("--sample-bytes", type=at_least(1), default=128, help="length of each sampled continuation")
     p.add_argument("--seed", type=int, default=0, help="sampling and masking seed")
-    p.add_argument("--mc-draws", type=int, default=16, help="diffusion models: Monte-Carlo draws per sequence of the NELBO")
+    p.add_argument("--mc-draws", type=at_least(1), default=16, help="diffusion models: Monte-Carlo draws per sequence of the NELBO")
     p.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several checkpoints)")
 
     from psann.lm.tokenizers.cli import add_parser as add_tokenizer_parser
@@ -193,14 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_report_parser(sub)
-    for name, command in sub.choices.items():  # every command (and sub-command) can show what it would run with
-        parsers = [command]
-        for action in command._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                parsers += list(action.choices.values())
-        for p in parsers:
-            if not any("--print-config" in a.option_strings for a in p._actions):
-                p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
+    for _, p in command_parsers(parser):  # every command (and sub-command) can show what it would run with
+        if not any("--print-config" in a.option_strings for a in p._actions):
+            p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
 
     p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample")
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
@@ -222,10 +298,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     parser = build_parser()
+    if "--print-config" in argv:  # shows what a command would run with, so its required options may be left out
+        for name, p in command_parsers(parser):
+            if name not in ("generate", "chat"):  # these resolve their settings against --ckpt
+                for action in p._actions:
+                    action.required = action.required and not action.option_strings
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "device", None) is not None:  # resolved before anything loads, so errors name --device
+            from psann.lm.train.trainer import resolve_device
+
+            args.device = str(resolve_device(args.device, "--device"))
         if args.command == "train":
             return cmd_train(args, extra)
         if args.command == "demo":
@@ -234,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
             from psann.lm.report.suite import run as run_bench
 
             return run_bench(args)
-        if args.print_config and args.command not in ("generate", "chat"):  # these resolve against the checkpoint
-            print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
-            return 0
-        if args.command == "tokenizer":
+        if args.command == "tokenizer":  # resolves its own options (the special tokens a vocabulary holds)
             from psann.lm.tokenizers.cli import run as run_tokenizer
 
             return run_tokenizer(args)
+        if args.print_config and args.command not in ("generate", "chat"):  # these resolve against the checkpoint
+            print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
+            return 0
         if args.command == "data":
             from psann.lm.data.cli import run as run_data
 

@@ -53,6 +53,7 @@ class psannLMDataPrep:
             train_docs, val_docs = docs, list(iter_documents(val_texts, doc_separator))
         else:
             train_docs, val_docs = split_documents_for_validation(docs, val_split, seed)
+            del docs  # one copy fewer of a huge document while it is encoded
         if not train_docs:
             raise DataError("no training text: every document is empty. Pass non-empty strings or files.")
         self.tokenizer = build_tokenizer(tokenizer, train_docs, vocab_size=vocab_size, model_path=tokenizer_model_path)
@@ -320,7 +321,7 @@ class psannLM:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> "psannLM":
-        model, tokenizer, config = ckpt.load_checkpoint(path, resolve_device(device))
+        model, tokenizer, config = ckpt.load_checkpoint(path, resolve_device(device, "device"))
         self = cls.__new__(cls)
         self.model_config, self.model, self.tokenizer, self.run_config = config.model, model, tokenizer, config
         self.generate_config, self.last_run = config.generate, None

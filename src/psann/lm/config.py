@@ -129,16 +129,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(parsed)
         raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{key}' must be a number, got {value!r}.")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 as a string; accept it
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 3e-4 as a string; accept it
             try:
-                return float(value.replace("_", ""))
+                number = float(value.replace("_", ""))
             except ValueError:
                 pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}.")
+        if number is None:
+            raise ConfigError(f"'{key}' must be a number, got {value!r}.")
+        return _finite(number, key)
     if tp is str:
         if isinstance(value, (str, Path)):
             return str(value)
@@ -160,8 +161,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}.")
+        for name, item in value.items():
+            if isinstance(item, float):
+                _finite(item, f"{key}.{name}")
         return dict(value)
     raise ConfigError(f"'{key}': unsupported type {_type_name(tp)}")  # pragma: no cover - a bug in this file
+
+
+def _finite(number: float, key: str) -> float:
+    """nan and inf pass every range check (nan compares false), so they are refused by name."""
+    if not math.isfinite(number):
+        raise ConfigError(f"'{key}' must be a finite number, got {number}.")
+    return number
 
 
 def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
@@ -397,6 +408,7 @@ class TrainConfig(_Validated):
     eval_interval_steps: int = _opt(200, "Steps between validation runs (0: only at the end).", min=0)
     eval_batches: int | None = _opt(None, "Cap on validation micro-batches per evaluation (default: the whole validation set).", min=1)
     eval_mc_draws: int = _opt(4, "diffusion models: Monte-Carlo draws per sequence of the validation NELBO (val_loss is that bound).", min=1)
+    max_bad_steps: int = _opt(10, "Steps in a row with a non-finite loss or gradient norm (each skipped: no update) before the run stops with an error.", min=1)
     save_interval_steps: int = _opt(0, "Steps between checkpoints (0: only best and final).", min=0)
     async_checkpoint: bool = _opt(False, "FSDP: write sharded step checkpoints in the background (torch.distributed.checkpoint.async_save).")
     progress: bool = _opt(True, "Show a progress bar (loss, lr, tok/s, ETA).")
@@ -442,6 +454,10 @@ class GenerateConfig(_Validated):
 
     CAUSAL_ONLY: typing.ClassVar[tuple] = ("top_k", "top_p", "repetition_penalty")
     DIFFUSION_ONLY: typing.ClassVar[tuple] = ("steps", "block_length", "remasking", "cfg_scale", "suppress_eos")
+
+    def check(self) -> None:
+        if any(s == "" for s in self.stop):
+            raise ConfigError("'generate.stop' holds an empty string, which would end every reply at once; remove it.")
 
     def check_objective(self, objective: str) -> None:
         """Options of the other objective's sampler are errors, not silently ignored."""

@@ -19,7 +19,19 @@ class DataError(PsannError, ValueError):
 
 
 class CheckpointError(PsannError, RuntimeError):
-    """A checkpoint directory is missing, incomplete or incompatible."""
+    """A checkpoint directory is missing, incomplete, corrupt or incompatible."""
+
+
+class TrainingError(PsannError, RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); says what to change."""
+
+
+class StorageError(PsannError, OSError):
+    """Disk full, no permission, or another OS failure while writing; names the path and the cause."""
+
+
+class BusyError(PsannError, RuntimeError):
+    """Another process holds the directory this one would write to."""
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -1,44 +1,62 @@
 """Build a token dataset: sources -> filters -> tokenizer (worker processes) -> token shards.
 
 Output directory:
-    index.json              dtype, vocab size, tokenizer fingerprint, shards, sources, filters, counts
+    index.json              dtype, vocab size, tokenizer fingerprint, shards, sources, filters, counts;
+                            per shard its tokens, documents, largest token id and sha256
     tokenizer/              the tokenizer the shards were made with
     train_00000.bin ...     raw token ids (uint16 when the vocabulary fits, else uint32): BOS doc EOS ...
     train_00000.docs.npy    int64 start of every document in the shard
     val_00000.bin ...       the held-out documents (chosen per document by a seeded hash)
 
 Deterministic for a given input (results come back in document order whatever the worker count).
-Interrupted builds resume: each finished shard is renamed into place and recorded in
-build_state.json; a rerun keeps those, discards partial ``*.tmp`` files and goes on from the next
-document (replaying the features of the documents already seen when dedup needs its memory).
+One build at a time per output directory (an OS lock on ``out/.lock``). Interrupted builds
+resume: each finished shard is renamed into place and recorded in build_state.json; a rerun keeps
+those, discards the temporary files of the dead build and goes on from the next document
+(replaying the features of the documents already seen when dedup needs its memory). A disk that
+fills up, or a directory that cannot be written, stops the build with an error naming the path;
+the finished shards stay.
+
+A document longer than a read block (a LongDocument: e.g. a file that is one huge line) is
+tokenised in the main process chunk by chunk and written as it goes, so memory does not grow with
+its length, unless a filter needs its whole text (ASCII, English, dedup, decontamination): then
+it is read into memory like any other document.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
+from collections import deque
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import DataError
-from ..files import write_atomic
+from ..errors import DataError, StorageError
+from ..files import DirectoryLock, fsync_dir, fsync_file, raise_os_error, read_json, temp_name, write_atomic
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from ..workers import process_context
 from .filters import FILTER_ORDER, DedupState, FeatureExtractor, FilterConfig, eval_ngrams
 from .sources import SourceStats, iter_documents_from, resolve_inputs, resolve_separator
-from .tokens import token_dtype
+from .text import LongDocument
+from .tokens import encode_documents, token_dtype
 
 log = logging.getLogger("psann.lm")
 INDEX_FILE, STATE_FILE, FORMAT = "index.json", "build_state.json", "psann-token-shards"
 FORMAT_VERSION = 1
+# Hash of each shard file in the index. sha256 runs on the CPU's SHA instructions: 1.65 GB/s on the
+# 2-core EPYC where blake2b does 0.8 GB/s (docs/results/huge_document.md).
+SHARD_HASH = "sha256"
+_SCAN_BYTES = 1 << 23
+_TASK_CHARS = 1 << 22  # characters of text per worker task at most (about), besides batch_docs
+
+
+class DatasetStorageError(StorageError, DataError):
+    """Disk full or no permission during a build: a StorageError, and a DataError like every build error."""
 
 
 @dataclass
@@ -62,10 +80,6 @@ class BuildConfig:
     overwrite: bool = False
     progress: bool = True
     filters: FilterConfig = field(default_factory=FilterConfig)
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=2))
 
 
 def _is_val(seed: int, ordinal: int, fraction: float) -> bool:
@@ -97,46 +111,99 @@ def _process(task: tuple[bool, list[tuple[int, str]]]) -> list[tuple]:
         if removed is None and not replay:
             keep_texts.append((len(out) - 1, text))
     if keep_texts:
-        encoded = tok.encode_batch([t for _, t in keep_texts], add_bos=True, add_eos=True)
-        dtype = token_dtype(tok.vocab_size)
-        for (row, _), ids in zip(keep_texts, encoded):
-            out[row][4] = np.asarray(ids, dtype=dtype)
+        encoded = encode_documents([t for _, t in keep_texts], tok, token_dtype(tok.vocab_size))
+        for (row, _), arrays in zip(keep_texts, encoded):
+            parts = list(arrays)  # one array, or the chunks of a long document
+            out[row][4] = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return [tuple(r) for r in out]
 
 
 # --- main side --------------------------------------------------------------------------------
+def scan_shard(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """(SHARD_HASH hex digest, largest token id or -1) of a shard file, in one pass."""
+    digest, top = hashlib.new(SHARD_HASH), -1
+    with open(path, "rb") as fh:
+        while block := fh.read(_SCAN_BYTES):
+            digest.update(block)
+            ids = np.frombuffer(block, dtype=dtype, count=len(block) // dtype.itemsize)
+            if ids.shape[0]:
+                top = max(top, int(ids.max()))
+    return digest.hexdigest(), top
+
+
 class ShardWriter:
-    """Appends documents to ``{split}_{n:05d}.bin.tmp``; `close` renames it into place."""
+    """Appends documents to a temporary file of its own (files.temp_name); `close` renames it to
+    ``{split}_{n:05d}.bin`` and returns its index entry. OS errors name the shard and the cause."""
 
     def __init__(self, out: Path, split: str, index: int, dtype: np.dtype, npy: bool):
-        self.out, self.split, self.index, self.dtype, self.npy = out, split, index, dtype, npy
+        self.out, self.split, self.index, self.dtype, self.npy = out, split, index, np.dtype(dtype), npy
         self.name = f"{split}_{index:05d}"
-        self.tmp = out / f"{self.name}.bin.tmp"
-        self.fh = open(self.tmp, "wb")
+        self.path = out / f"{self.name}.bin"
+        self.tmp = temp_name(self.path)
         self.tokens, self.doc_starts = 0, []
+        try:
+            self.fh = open(self.tmp, "wb")
+        except OSError as exc:
+            raise_os_error(exc, self.path, "writing")
 
     def add(self, ids: np.ndarray) -> None:
+        """A whole document."""
+        self.begin()
+        self.write(ids)
+
+    def begin(self) -> None:
+        """Start a document, to be written in one or more `write`s."""
         self.doc_starts.append(self.tokens)
-        self.fh.write(ids.tobytes())
+
+    def write(self, ids: np.ndarray) -> None:
+        try:
+            self.fh.write(ids.tobytes())
+        except OSError as exc:
+            raise_os_error(exc, self.path, "writing")
         self.tokens += int(ids.shape[0])
 
+    def undo(self) -> None:
+        """Drop the document begun last (a filter removed it after part of it was written)."""
+        self.tokens = self.doc_starts.pop()
+        try:
+            self.fh.seek(self.tokens * self.dtype.itemsize)
+            self.fh.truncate()
+        except OSError as exc:
+            raise_os_error(exc, self.path, "writing")
+
     def close(self) -> dict:
+        try:
+            return self._finish()
+        except OSError as exc:
+            raise_os_error(exc, self.path, "writing")
+
+    def _finish(self) -> dict:
         self.fh.close()
-        docs_tmp = self.out / f"{self.name}.docs.npy.tmp"
-        with open(docs_tmp, "wb") as fh:
-            np.save(fh, np.asarray(self.doc_starts, dtype=np.int64))
+        digest, max_id = scan_shard(self.tmp, self.dtype)  # one pass over a file still in the page cache
+        docs = self.out / f"{self.name}.docs.npy"
+        self._save_npy(docs, np.asarray(self.doc_starts, dtype=np.int64))
         if self.npy:
-            npy_tmp = self.out / f"{self.name}.npy.tmp"
-            with open(npy_tmp, "wb") as fh:
-                np.save(fh, np.memmap(self.tmp, dtype=self.dtype, mode="r") if self.tokens else np.zeros(0, self.dtype))
-            os.replace(npy_tmp, self.out / f"{self.name}.npy")
-        os.replace(docs_tmp, self.out / f"{self.name}.docs.npy")
-        os.replace(self.tmp, self.out / f"{self.name}.bin")
-        return {"file": f"{self.name}.bin", "docs_file": f"{self.name}.docs.npy", "tokens": self.tokens,
-                "documents": len(self.doc_starts)}
+            self._save_npy(self.out / f"{self.name}.npy", np.memmap(self.tmp, dtype=self.dtype, mode="r")
+                           if self.tokens else np.zeros(0, self.dtype))
+        fsync_file(self.tmp)
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.out)
+        return {"file": self.path.name, "docs_file": docs.name, "tokens": self.tokens,
+                "documents": len(self.doc_starts), "max_id": max_id, SHARD_HASH: digest}
+
+    @staticmethod
+    def _save_npy(path: Path, array: np.ndarray) -> None:
+        tmp = temp_name(path)
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+        fsync_file(tmp)
+        os.replace(tmp, path)
 
     def discard(self) -> None:
-        self.fh.close()
+        try:
+            self.fh.close()
+        except OSError:
+            pass  # a full disk may fail the last flush too; the file goes anyway
         self.tmp.unlink(missing_ok=True)
 
 
@@ -148,19 +215,21 @@ def _settings_key(cfg: BuildConfig, files: list[Path], fingerprint: str) -> str:
 
 
 def _prepare_out(cfg: BuildConfig, key: str) -> dict | None:
-    """Make the output directory; returns the saved state of an interrupted build with the same
-    settings (to resume), None for a fresh build."""
+    """Ready the (locked) output directory; returns the saved state of an interrupted build with
+    the same settings (to resume), None for a fresh build."""
     out = Path(cfg.out)
     if (out / INDEX_FILE).exists() and not cfg.overwrite:
         raise DataError(f"{out} already holds a finished dataset ({INDEX_FILE}); pass --overwrite to rebuild, "
                         f"or choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob("*.tmp"):
-        tmp.unlink()
+    for tmp in [*out.glob("*.tmp"), *out.glob(".*.tmp-*")]:  # a dead build's (we hold the lock)
+        tmp.unlink(missing_ok=True)
     state_path = out / STATE_FILE
     if state_path.exists() and not cfg.overwrite:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        if state.get("settings_key") != key:
+        try:
+            state = read_json(state_path, DataError, "build state")
+        except DataError as exc:
+            raise DataError(f"{exc} Pass --overwrite to start the build again.") from None
+        if not isinstance(state, dict) or state.get("settings_key") != key:
             raise DataError(f"{out} holds an interrupted build with other settings or inputs; rerun it with the "
                             f"same command, pass --overwrite to start again, or choose another --out.")
         return state
@@ -170,12 +239,148 @@ def _prepare_out(cfg: BuildConfig, key: str) -> dict | None:
     return None
 
 
-def _batched(items: Iterator, size: int) -> Iterator[list]:
-    while True:
-        chunk = list(islice(items, size))
-        if not chunk:
-            return
-        yield chunk
+def _needs_text(filters: FilterConfig) -> bool:
+    """Whether a filter reads a document's whole text (the length filters only count characters)."""
+    return bool(filters.ascii_only or filters.english or filters.decontaminate or filters.exact_dedup
+                or filters.near_dedup)
+
+
+def _work(docs: Iterator, batch_docs: int, done: int, stream_long: bool) -> Iterator[tuple[str, tuple]]:
+    """("batch", (replay, [(ordinal, text), ...])) for the workers and ("long", (ordinal, LongDocument))
+    for the main process, in document order. A batch holds at most `batch_docs` documents and
+    about _TASK_CHARS characters, so the text in flight stays bounded."""
+    batch: list[tuple[int, str]] = []
+    chars = 0
+    for ordinal, (_, doc) in enumerate(docs):
+        if isinstance(doc, LongDocument):
+            if stream_long:
+                if batch:
+                    yield "batch", (batch[-1][0] < done, batch)
+                    batch, chars = [], 0
+                yield "long", (ordinal, doc)
+                continue
+            doc = doc.text()
+        batch.append((ordinal, doc))
+        chars += len(doc)
+        if len(batch) == batch_docs or chars >= _TASK_CHARS:
+            yield "batch", (batch[-1][0] < done, batch)
+            batch, chars = [], 0
+    if batch:
+        yield "batch", (batch[-1][0] < done, batch)
+
+
+class _Ready:
+    """A result computed at once (one worker), with the interface of a pool's AsyncResult."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+class _Shards:
+    """The main side of a build: writes results in document order, closes shards, saves state."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, key: str, tokenizer, state: dict | None, bar):
+        self.cfg, self.out, self.key, self.tokenizer, self.bar = cfg, out, key, tokenizer, bar
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.removed = {name: 0 for name in FILTER_ORDER}
+        self.shards: dict[str, list[dict]] = {"train": [], "val": []}
+        self.done = 0  # documents whose fate is final and whose tokens sit in finished shards
+        if state is not None:
+            self.shards, self.removed, self.done = state["shards"], state["removed"], state["documents_done"]
+            log.info("resuming %s: %d finished shard(s), %d documents done", out,
+                     sum(map(len, self.shards.values())), self.done)
+        self.dedup = DedupState(cfg.filters)
+        self.writers = {s: self._writer(s) for s in ("train", "val")}
+
+    def _writer(self, split: str) -> ShardWriter:
+        return ShardWriter(self.out, split, len(self.shards[split]), self.dtype, self.cfg.npy)
+
+    def _split_of(self, ordinal: int) -> ShardWriter:
+        return self.writers["val" if _is_val(self.cfg.seed, ordinal, self.cfg.val_fraction) else "train"]
+
+    def run(self, items: Iterator, submit, max_pending: int) -> None:
+        pending: deque = deque()  # batches in flight, oldest first: bounded, so reading never runs far ahead
+        for kind, payload in items:
+            if kind == "long":
+                while pending:
+                    self.write_batch(pending.popleft().get())
+                self.write_long(*payload)
+                continue
+            pending.append(submit(payload))
+            while len(pending) > max_pending:
+                self.write_batch(pending.popleft().get())
+        while pending:
+            self.write_batch(pending.popleft().get())
+        for split, writer in self.writers.items():
+            if writer.tokens:
+                self.shards[split].append(writer.close())
+            else:
+                writer.discard()
+
+    def write_batch(self, results: list[tuple]) -> None:
+        for ordinal, reason, exact, signature, ids, n_chars in results:
+            self.bar.update(n_chars)
+            if reason is None:
+                reason = self.dedup.check(ordinal, exact, signature)
+            if ordinal < self.done:
+                continue  # replayed: already counted and written
+            if reason is not None:
+                self.removed[reason] += 1
+            else:
+                self._split_of(ordinal).add(ids)
+            self._maybe_checkpoint(ordinal)
+
+    def write_long(self, ordinal: int, doc: LongDocument) -> None:
+        """Tokenise and write a long document as it is read; the length filters may undo it."""
+        if ordinal < self.done:
+            doc.drain()
+        else:
+            limits, reason = self.cfg.filters, None
+            writer = self._split_of(ordinal)
+            writer.begin()
+            for ids in next(encode_documents([doc], self.tokenizer, self.dtype)):
+                writer.write(ids)
+                if limits.max_chars is not None and doc.chars > limits.max_chars:
+                    reason = "max_chars"
+                    break
+            if reason is None and doc.chars < limits.min_chars:
+                reason = "min_chars"
+            if reason is not None:
+                writer.undo()
+                self.removed[reason] += 1
+                doc.drain()
+            self._maybe_checkpoint(ordinal)
+        self.bar.update(doc.chars)
+
+    def _maybe_checkpoint(self, ordinal: int) -> None:
+        if self.writers["train"].tokens >= self.cfg.shard_tokens:
+            for split, writer in self.writers.items():
+                if writer.tokens:
+                    self.shards[split].append(writer.close())
+                    self.writers[split] = self._writer(split)
+            write_atomic(self.out / STATE_FILE, json.dumps({"settings_key": self.key, "documents_done": ordinal + 1,
+                                                            "shards": self.shards, "removed": self.removed}, indent=2))
+
+    def discard(self) -> None:
+        for writer in self.writers.values():
+            writer.discard()
+
+
+def _storage_error(exc: OSError, out: Path) -> OSError:
+    """A disk-full or permission error as a DatasetStorageError naming the path; other errors as they are."""
+    if not isinstance(exc, StorageError):
+        try:
+            raise_os_error(exc, exc.filename or out, "writing")
+        except StorageError as storage:
+            exc = storage
+        except OSError:
+            return exc  # not a storage failure
+    error = DatasetStorageError(f"{exc} The finished shards are kept: rerun the same command to resume.")
+    error.errno = exc.errno
+    return error
 
 
 def build_dataset(cfg: BuildConfig) -> dict:
@@ -186,85 +391,57 @@ def build_dataset(cfg: BuildConfig) -> dict:
         raise DataError("--shard-tokens and --workers must be at least 1.")
     files = resolve_inputs(cfg.inputs, cfg.manifests) if (cfg.inputs or cfg.manifests or not cfg.hf_dataset) else []
     tokenizer = load_tokenizer(cfg.tokenizer)
+    out = Path(cfg.out)
+    with DirectoryLock(out, "data build"):
+        try:
+            return _build(cfg, files, tokenizer, out)
+        except OSError as exc:
+            raise _storage_error(exc, out) from None
+
+
+def _build(cfg: BuildConfig, files: list[Path], tokenizer, out: Path) -> dict:
     fingerprint = tokenizer_fingerprint(tokenizer)
     key = _settings_key(cfg, files, fingerprint)
     state = _prepare_out(cfg, key)
-    out = Path(cfg.out)
     tokenizer.save(out / "tokenizer")
-    dtype = token_dtype(tokenizer.vocab_size)
     contamination = eval_ngrams(cfg.filters.decontaminate, cfg.filters.ngram) if cfg.filters.decontaminate else frozenset()
-
     stats = SourceStats()
-    removed = {name: 0 for name in FILTER_ORDER}
-    shards: dict[str, list[dict]] = {"train": [], "val": []}
-    done = 0  # documents whose fate is final and whose tokens sit in finished shards
-    if state is not None:
-        shards, removed, done = state["shards"], state["removed"], state["documents_done"]
-        log.info("resuming %s: %d finished shard(s), %d documents done", out, sum(map(len, shards.values())), done)
-    dedup = DedupState(cfg.filters)
-    writers = {s: ShardWriter(out, s, len(shards[s]), dtype, cfg.npy) for s in ("train", "val")}
-    docs = iter_documents_from(files, separator=resolve_separator(cfg.separator), text_key=cfg.text_key,
-                               hf_dataset=cfg.hf_dataset, hf_split=cfg.hf_split, hf_config=cfg.hf_config,
-                               hf_text_key=cfg.hf_text_key, stats=stats)
-    tasks = ((chunk[-1][0] < done, [(i, text) for i, (_, text) in chunk])
-             for chunk in _batched(enumerate(docs), cfg.batch_docs))
     total_bytes = sum(f.stat().st_size for f in files) or None
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="data build", disable=not cfg.progress)
+    built = _Shards(cfg, out, key, tokenizer, state, bar)
+    docs = iter_documents_from(files, separator=resolve_separator(cfg.separator), text_key=cfg.text_key,
+                               hf_dataset=cfg.hf_dataset, hf_split=cfg.hf_split, hf_config=cfg.hf_config,
+                               hf_text_key=cfg.hf_text_key, stats=stats, long_documents=True)
+    items = _work(docs, cfg.batch_docs, built.done, stream_long=not _needs_text(cfg.filters))
     init_args = (str(out / "tokenizer"), cfg.filters, contamination)
     pool = None
-    if cfg.workers > 1:
-        pool = process_context().Pool(cfg.workers, _init_worker, init_args)
-        results = pool.imap(_process, tasks)
-    else:
-        _init_worker(*init_args)
-        results = map(_process, tasks)
-
-    def checkpoint(ordinal_done: int) -> None:
-        for split, writer in writers.items():
-            if writer.tokens:
-                shards[split].append(writer.close())
-                writers[split] = ShardWriter(out, split, len(shards[split]), dtype, cfg.npy)
-        _atomic_json(out / STATE_FILE, {"settings_key": key, "documents_done": ordinal_done,
-                                        "shards": shards, "removed": removed})
-
     try:
-        for batch in results:
-            for ordinal, reason, exact, signature, ids, n_chars in batch:
-                bar.update(n_chars)
-                if reason is None:
-                    reason = dedup.check(ordinal, exact, signature)
-                if ordinal < done:
-                    continue  # replayed: already counted and written
-                if reason is not None:
-                    removed[reason] += 1
-                else:
-                    writers["val" if _is_val(cfg.seed, ordinal, cfg.val_fraction) else "train"].add(ids)
-                if writers["train"].tokens >= cfg.shard_tokens:
-                    checkpoint(ordinal + 1)
-        for split, writer in writers.items():
-            if writer.tokens:
-                shards[split].append(writer.close())
-            else:
-                writer.discard()
-    except BaseException as exc:
-        for writer in writers.values():
-            writer.discard()
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise DataError(f"disk full while writing to {out}; the finished shards are kept. Free some space and "
-                            f"rerun the same command to resume.") from None
+        if cfg.workers > 1:
+            pool = process_context().Pool(cfg.workers, _init_worker, init_args)
+            built.run(items, lambda task: pool.apply_async(_process, (task,)), 2 * cfg.workers)
+        else:
+            _init_worker(*init_args)
+            built.run(items, lambda task: _Ready(_process(task)), 0)
+    except BaseException:
+        built.discard()
         raise
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
+    return _write_index(cfg, out, files, tokenizer, fingerprint, stats, built)
 
+
+def _write_index(cfg: BuildConfig, out: Path, files: list[Path], tokenizer, fingerprint: str, stats: SourceStats,
+                 built: _Shards) -> dict:
+    shards, removed = built.shards, built.removed
     kept = {s: sum(x["documents"] for x in shards[s]) for s in shards}
     applied = cfg.filters.applied()
     if kept["train"] == 0:
         raise DataError(f"no training documents survived: {stats.documents} read, removed {removed}; "
                         f"relax the filters or check the inputs.")
     index = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": np.dtype(dtype).name,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": built.dtype.name,
         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
         "tokenizer": "tokenizer", "tokenizer_fingerprint": fingerprint, "tokenizer_kind": tokenizer.kind,
         "shards": shards,
@@ -275,7 +452,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
         "separator": cfg.separator, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
         "filters": applied, "removed": {k: v for k, v in removed.items() if k in applied},
     }
-    _atomic_json(out / INDEX_FILE, index)
+    write_atomic(out / INDEX_FILE, json.dumps(index, indent=2))
     (out / STATE_FILE).unlink(missing_ok=True)
     if stats.invalid_utf8:
         log.warning("data: %d invalid UTF-8 byte sequence(s) replaced with U+FFFD.", stats.invalid_utf8)

@@ -1,13 +1,13 @@
-"""`psannlm data build | info`: text sources -> filtered token shards, and what a build holds."""
+"""`psannlm data build | info | verify`: text sources -> filtered token shards, what a build holds,
+and whether its shards are intact."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import time
 
-from ..errors import DataError
-from .build import INDEX_FILE, BuildConfig, build_dataset
+from .build import BuildConfig, build_dataset
 from .filters import FilterConfig
 
 
@@ -49,18 +49,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     i = dsub.add_parser("info", help="print a build's index.json summary")
     i.add_argument("path", help="a built dataset directory")
+    v = dsub.add_parser("verify", help="hash and scan every shard now (loading checks each on first read)")
+    v.add_argument("path", help="a built dataset directory")
+
+
+def _info(path: str) -> int:
+    from .shards import read_index
+
+    index = read_index(path)
+    summary = {k: v for k, v in index.items() if k != "shards"}
+    summary["shards"] = {split: len(v) for split, v in index["shards"].items()}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _verify(path: str) -> int:
+    from .shards import ShardedTokens
+
+    start, report = time.perf_counter(), {"path": path}
+    for split in ("train", "val"):
+        data = ShardedTokens(path, split)
+        data.verify_all()
+        report[split] = {"shards": len(data.shards), "tokens": data.n_tokens}
+    report["ok"], report["seconds"] = True, round(time.perf_counter() - start, 2)
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def run(args) -> int:
     if args.data_command == "info":
-        index_path = Path(args.path) / INDEX_FILE
-        if not index_path.is_file():
-            raise DataError(f"{args.path} is not a built dataset (no {INDEX_FILE}).")
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        summary = {k: v for k, v in index.items() if k != "shards"}
-        summary["shards"] = {split: len(v) for split, v in index["shards"].items()}
-        print(json.dumps(summary, indent=2))
-        return 0
+        return _info(args.path)
+    if args.data_command == "verify":
+        return _verify(args.path)
     filters = FilterConfig(min_chars=args.min_chars, max_chars=args.max_chars, ascii_only=args.ascii_only,
                            english=args.english, english_threshold=args.english_threshold,
                            decontaminate=args.decontaminate, ngram=args.ngram, exact_dedup=args.exact_dedup,

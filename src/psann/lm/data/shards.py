@@ -5,21 +5,99 @@ classic `get_batch`.
 Memmaps are opened per batch and dropped at once: a long-lived memmap keeps every page it has
 touched in the process's RSS, so streaming a billion tokens through one would grow memory by the
 size of the data.
+
+A dataset verifies itself. On open: index.json must be whole and well-formed, every shard must
+have the size the index gives it, and the largest token id the build recorded must lie inside
+the vocabulary. The first time a process reads a shard, the shard is hashed and scanned once
+(sha256 and max id in one pass, about 1 s per GB; docs/results/huge_document.md): a shard
+whose bytes changed since the build, or that holds an id outside the vocabulary, stops with a
+DataError naming it. Checking lazily, shard by shard, keeps opening a huge dataset instant and
+spreads the cost over the first steps. A dataset built before the index recorded hashes is
+scanned for its largest id the same way and its hashes are skipped (logged at debug level).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, DataError
-from .build import FORMAT, INDEX_FILE
+from ..files import read_json
+from .build import FORMAT, INDEX_FILE, SHARD_HASH, scan_shard
 from .loader import windows_to_batch
 
+log = logging.getLogger("psann.lm")
 LOADER_MODES = ("random", "sequential")
+_DTYPES = ("uint16", "uint32")
+
+
+def _rebuild(directory: Path) -> str:
+    return (f"rebuild the dataset: psannlm data build --input ... --tokenizer ... --out {directory} --overwrite "
+            "(or restore the directory from a copy).")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shard_problem(shard) -> str | None:
+    if not isinstance(shard, dict):
+        return f"a shard entry is {type(shard).__name__}, not an object"
+    for key in ("file", "docs_file"):
+        name = shard.get(key)
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            return f"shard {shard.get('file')!r}: {key!r} must be a file name in the dataset directory, got {name!r}"
+    for key, least in (("tokens", 0), ("documents", 0), ("max_id", -1)):
+        if (key == "tokens" or key in shard) and not (_is_int(shard.get(key)) and shard[key] >= least):
+            return f"shard {shard['file']!r}: {key!r} must be a whole number, got {shard.get(key)!r}"
+    if SHARD_HASH in shard and not isinstance(shard[SHARD_HASH], str):
+        return f"shard {shard['file']!r}: {SHARD_HASH!r} must be a string"
+    return None
+
+
+def _index_problem(index) -> str | None:
+    """What is wrong with a parsed index.json, or None."""
+    if not isinstance(index, dict):
+        return f"it holds a JSON {type(index).__name__}, not an object"
+    if index.get("format") != FORMAT:
+        return f"'format' is {index.get('format')!r}, not {FORMAT!r}: it is not a psann token-shard index"
+    if index.get("dtype") not in _DTYPES:
+        return f"'dtype' must be one of {', '.join(_DTYPES)}, got {index.get('dtype')!r}"
+    for key in ("vocab_size", "bos_id"):
+        if not _is_int(index.get(key)) or index[key] < 0:
+            return f"{key!r} must be a whole number, got {index.get(key)!r}"
+    if not isinstance(index.get("tokenizer_fingerprint"), str):
+        return "'tokenizer_fingerprint' is missing"
+    shards = index.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(v, list) for v in shards.values()):
+        return "'shards' must map each split to a list of shards"
+    for entries in shards.values():
+        for shard in entries:
+            problem = _shard_problem(shard)
+            if problem:
+                return problem
+    return None
+
+
+def read_index(directory: str | Path) -> dict:
+    """The checked index.json of a built dataset; a missing, truncated or malformed one is a
+    DataError naming the file and the fix."""
+    directory = Path(directory)
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        raise DataError(f"{directory} is not a built dataset (no {INDEX_FILE}); make one with "
+                        f"`psannlm data build --input ... --tokenizer DIR --out {directory}`.")
+    try:
+        index = read_json(path, DataError, "dataset index")
+    except DataError as exc:
+        raise DataError(f"{exc} To fix it, {_rebuild(directory)}") from None
+    problem = _index_problem(index)
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}. To fix it, {_rebuild(directory)}")
+    return index
 
 
 class ShardedTokens:
@@ -27,19 +105,14 @@ class ShardedTokens:
 
     def __init__(self, directory: str | Path, split: str = "train", expected_fingerprint: str | None = None):
         self.directory = Path(directory)
-        index_path = self.directory / INDEX_FILE
-        if not index_path.is_file():
-            raise DataError(f"{self.directory} is not a built dataset (no {INDEX_FILE}); make one with "
-                            f"`psannlm data build --input ... --tokenizer DIR --out {self.directory}`.")
-        self.index = json.loads(index_path.read_text(encoding="utf-8"))
-        if self.index.get("format") != FORMAT:
-            raise DataError(f"{index_path} is not a psann token-shard index.")
+        self.index = read_index(self.directory)
         if expected_fingerprint and self.index["tokenizer_fingerprint"] != expected_fingerprint:
             raise DataError(f"{self.directory} was tokenised with another tokenizer (fingerprint "
                             f"{self.index['tokenizer_fingerprint']}, yours {expected_fingerprint}); use the tokenizer "
                             f"saved in {self.directory / 'tokenizer'} or rebuild the shards.")
         self.split = split
         self.dtype = np.dtype(self.index["dtype"])
+        self.vocab_size = int(self.index["vocab_size"])
         self.shards = self.index["shards"].get(split, [])
         sizes = [s["tokens"] for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
@@ -47,8 +120,40 @@ class ShardedTokens:
         for shard in self.shards:
             path = self.directory / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["tokens"] * self.dtype.itemsize:
-                raise DataError(f"shard {path} is missing or has the wrong size; rebuild the dataset.")
+                raise DataError(f"shard {path} is missing or has the wrong size; {_rebuild(self.directory)}")
+            if shard.get("max_id", -1) >= self.vocab_size:
+                self._out_of_vocab(path, shard["max_id"])
+        self._verified: set[int] = set()
         self._doc_starts: np.ndarray | None = None
+
+    def _out_of_vocab(self, path: Path, max_id: int) -> None:
+        raise DataError(f"shard {path} holds token id {max_id}: the ids exceed the vocabulary of "
+                        f"{self.vocab_size} of the dataset's tokenizer (a damaged or mixed-up dataset); "
+                        f"{_rebuild(self.directory)}")
+
+    def verify(self, i: int) -> None:
+        """Hash and scan shard i once per process (see the module docstring)."""
+        if i in self._verified:
+            return
+        shard = self.shards[i]
+        path = self.directory / shard["file"]
+        try:
+            digest, max_id = scan_shard(path, self.dtype)
+        except OSError as exc:
+            raise DataError(f"cannot read shard {path} ({exc}); {_rebuild(self.directory)}") from None
+        if SHARD_HASH not in shard:
+            log.debug("data: %s has no %s in %s (built by an older psann); only its token ids are checked.",
+                      path, SHARD_HASH, INDEX_FILE)
+        elif digest != shard[SHARD_HASH]:
+            raise DataError(f"shard {path} is corrupt: its contents changed since the build ({SHARD_HASH} "
+                            f"{digest[:16]}..., {INDEX_FILE} says {shard[SHARD_HASH][:16]}...); {_rebuild(self.directory)}")
+        if max_id >= self.vocab_size:
+            self._out_of_vocab(path, max_id)
+        self._verified.add(i)
+
+    def verify_all(self) -> None:
+        for i in range(len(self.shards)):
+            self.verify(i)
 
     @property
     def bos_id(self) -> int:
@@ -66,6 +171,7 @@ class ShardedTokens:
             if lo >= stop:
                 break
             if i not in maps:
+                self.verify(i)
                 maps[i] = np.memmap(self.directory / self.shards[i]["file"], dtype=self.dtype, mode="r")
             parts.append(np.array(maps[i][max(start, lo) - lo:min(stop, hi) - lo], dtype=np.int64))
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -78,9 +184,22 @@ class ShardedTokens:
     def doc_starts(self) -> np.ndarray:
         """Global start of every document (each begins with BOS)."""
         if self._doc_starts is None:
-            parts = [np.load(self.directory / s["docs_file"]) + self.offsets[i] for i, s in enumerate(self.shards)]
+            parts = [self._load_starts(i) + self.offsets[i] for i in range(len(self.shards))]
             self._doc_starts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return self._doc_starts
+
+    def _load_starts(self, i: int) -> np.ndarray:
+        shard = self.shards[i]
+        path = self.directory / shard["docs_file"]
+        try:
+            starts = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{path} is missing or corrupt ({exc}); {_rebuild(self.directory)}") from None
+        fits = starts.ndim == 1 and starts.dtype.kind in "iu" and starts.shape[0] == shard.get("documents", len(starts))
+        if not fits or (len(starts) and (starts.min() < 0 or starts.max() >= shard["tokens"])):
+            raise DataError(f"{path} does not match shard {shard['file']} ({starts.shape[0]} document starts); "
+                            f"{_rebuild(self.directory)}")
+        return starts.astype(np.int64)
 
 
 class ShardWindows:

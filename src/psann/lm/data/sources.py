@@ -1,26 +1,24 @@
 """Where documents come from: text files (split on a separator), .jsonl, .parquet, .gz/.zst
 compressed files, manifests listing any of these, and Hugging Face datasets (streamed).
 
-Everything is streamed document by document, so a source may be far larger than memory. Invalid
-UTF-8 is replaced with U+FFFD and counted; empty documents are skipped and counted.
+Everything is streamed document by document (text files through the block reader of text.py), so
+a source may be far larger than memory, and so may one document. Invalid UTF-8 is replaced with
+U+FFFD and counted; empty documents are skipped and counted.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from ..errors import DataError
 from ..files import jsonl_rows
-from .text import CountingDecoder
+from .text import CountingDecoder, LongDocument, documents, split_pieces, text_blocks
 
 SEPARATOR_ALIASES = {"blank": "\n\n", "line": "\n", "eot": "<|endoftext|>", "none": None}
-_READ_CHARS = 1 << 20
 
 
 @dataclass
@@ -90,38 +88,18 @@ def _inner_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(f"{path}: reading .zst needs zstandard: pip install 'psann-lm[data]'") from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    return open(path, "rb")
+def _lines(pieces: Iterable[tuple[str, bool]]) -> Iterator[str]:
+    """Whole lines from `split_pieces(..., "\n")` (a JSON record has to be parsed whole anyway)."""
+    parts: list[str] = []
+    for text, last in pieces:
+        parts.append(text)
+        if last:
+            yield "".join(parts)
+            parts = []
 
 
-def _text_documents(fh: IO[str], separator: str | None) -> Iterator[str]:
-    buffer = ""
-    while True:
-        data = fh.read(_READ_CHARS)
-        buffer += data
-        if separator is None:
-            if not data:
-                yield buffer
-                return
-            continue
-        *complete, buffer = buffer.split(separator)
-        yield from complete
-        if not data:
-            yield buffer
-            return
-
-
-def _jsonl_documents(fh: IO[str], text_key: str, path: Path) -> Iterator[str]:
-    for number, record in jsonl_rows(fh, path, "each line of a .jsonl file must be one JSON object."):
+def _jsonl_documents(lines: Iterable[str], text_key: str, path: Path) -> Iterator[str]:
+    for number, record in jsonl_rows(lines, path, "each line of a .jsonl file must be one JSON object."):
         if not isinstance(record, dict) or text_key not in record:
             keys = list(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{number}: no {text_key!r} field (found {keys}); pick the field with --text-key.")
@@ -141,18 +119,23 @@ def _parquet_documents(path: Path, text_key: str) -> Iterator[str]:
             yield "" if value is None else str(value)
 
 
-def iter_file_documents(path: Path, separator: str | None, text_key: str, stats: SourceStats) -> Iterator[str]:
+def iter_file_documents(path: Path, separator: str | None, text_key: str,
+                        stats: SourceStats) -> Iterator[str | LongDocument]:
+    """The documents of one file: strings, or a LongDocument for a text document longer than a block."""
     kind = _inner_suffix(path)
     if kind == ".parquet":
         yield from _parquet_documents(path, text_key)
         return
     decoder = CountingDecoder()
     # Universal newlines: \r\n and \r become \n, so "blank" and "line" separators work on any file.
-    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors=decoder.errors) as fh:
-        try:
-            yield from (_jsonl_documents(fh, text_key, path) if kind == ".jsonl" else _text_documents(fh, separator))
-        finally:
-            stats.invalid_utf8 += decoder.bad
+    blocks = text_blocks(path, decoder)
+    try:
+        if kind == ".jsonl":
+            yield from _jsonl_documents(_lines(split_pieces(blocks, "\n")), text_key, path)
+        else:
+            yield from documents(split_pieces(blocks, separator))
+    finally:
+        stats.invalid_utf8 += decoder.bad
 
 
 def iter_hf_documents(name: str, split: str, text_key: str, config_name: str | None = None) -> Iterator[str]:
@@ -174,15 +157,22 @@ def iter_hf_documents(name: str, split: str, text_key: str, config_name: str | N
 
 def iter_documents_from(files: Sequence[Path], *, separator: str | None = None, text_key: str = "text",
                         hf_dataset: str | None = None, hf_split: str = "train", hf_config: str | None = None,
-                        hf_text_key: str = "text", stats: SourceStats | None = None) -> Iterator[tuple[str, str]]:
-    """(source name, document) for every non-empty document, files first then the HF dataset."""
+                        hf_text_key: str = "text", stats: SourceStats | None = None,
+                        long_documents: bool = False) -> Iterator[tuple[str, str | LongDocument]]:
+    """(source name, document) for every non-empty document, files first then the HF dataset.
+    With `long_documents`, a text document longer than a block comes as a LongDocument (read it
+    before asking for the next); otherwise as one string."""
     stats = stats if stats is not None else SourceStats()
     streams = [(str(f), iter_file_documents(f, separator, text_key, stats)) for f in files]
     if hf_dataset:
         streams.append((f"hf:{hf_dataset}:{hf_split}", iter_hf_documents(hf_dataset, hf_split, hf_text_key, hf_config)))
     for name, docs in streams:
         for doc in docs:
-            doc = doc.strip()
+            if isinstance(doc, LongDocument):
+                if not long_documents:
+                    doc = doc.text()
+            else:
+                doc = doc.strip()
             if not doc:
                 stats.empty_documents += 1
                 continue

@@ -14,7 +14,11 @@ import torch.nn as nn
 
 from ..data.loader import IGNORE_INDEX, TokenWindows
 from ..data.sft import SFTWindows, response_positions
+from ..errors import DataError
 from ..objectives import causal_lm_loss_sum
+
+# Scoring zero tokens would report loss 0 and perplexity 1, a perfect score for nothing.
+NOTHING_TO_SCORE = "no text to score: {}; evaluate on data with text in it."
 
 
 def rank_batches(windows: TokenWindows, batch_size: int, max_batches: int | None, rank: int, world_size: int):
@@ -72,7 +76,9 @@ def evaluate_loss(model: nn.Module, windows: TokenWindows, batch_size: int, devi
                   max_batches: int | None = None) -> tuple[float, int]:
     """Mean cross-entropy (nats/token) over every target token of `windows`, in order."""
     total, count = evaluate_loss_sum(model, windows, batch_size, device, autocast, max_batches)
-    return total / max(1, count), count
+    if count == 0:
+        raise DataError(NOTHING_TO_SCORE.format("the windows hold no target tokens"))
+    return total / count, count
 
 
 @torch.no_grad()
@@ -122,6 +128,8 @@ def evaluate_nelbo(model: nn.Module, windows: TokenWindows, batch_size: int, dev
 def utf8_validity(samples: Sequence[bytes]) -> float:
     """Fraction of byte strings that are valid UTF-8; a multi-byte character cut off by the
     length limit at the very end does not count against a sample."""
+    if not samples:
+        raise DataError("no samples to check for UTF-8 validity; sample at least one continuation.")
     valid = 0
     for raw in samples:
         try:
@@ -129,7 +137,7 @@ def utf8_validity(samples: Sequence[bytes]) -> float:
             valid += 1
         except UnicodeDecodeError:
             pass
-    return valid / max(1, len(samples))
+    return valid / len(samples)
 
 
 def evaluate_text(model: nn.Module, tokenizer, docs: Sequence[str], max_length: int, batch_size: int,
@@ -151,21 +159,23 @@ def evaluate_text(model: nn.Module, tokenizer, docs: Sequence[str], max_length: 
     from ..data.tokens import encode_corpus
     from ..infer.generate import generate_tokens
 
+    if not any(d.strip() for d in docs):
+        raise DataError(NOTHING_TO_SCORE.format("there are no documents, or every one is empty or only whitespace"))
     corpus = encode_corpus(list(docs), tokenizer)
     windows = TokenWindows(corpus, max_length, True, tokenizer.pad_id)
     n_bytes = sum(len(d.encode("utf-8", errors="surrogatepass")) for d in docs)
     if mask_id is None:
         counts = evaluate_counts(model, windows, batch_size, device)
-        total, n = counts["loss_sum"], max(1, counts["targets"])
+        total, n = counts["loss_sum"], counts["targets"]
         extra = {"accuracy": counts["top1"] / n, "top5_accuracy": counts["top5"] / n}
     else:
         r = evaluate_nelbo(model, windows, batch_size, device, mask_id=mask_id, draws=mc_draws, seed=seed,
                            pad_id=tokenizer.pad_id)
-        total, n = r["nelbo_sum"], max(1, r["tokens"])
+        total, n = r["nelbo_sum"], r["tokens"]
         extra = {"accuracy": None, "top5_accuracy": None, "bound": True, "mc_draws": mc_draws,
                  "nelbo_se": math.sqrt(r["variance"]) / n}
     loss = total / n
-    bpb = total / math.log(2) / max(1, n_bytes)
+    bpb = total / math.log(2) / n_bytes
     result = {"tokens": n, "bytes": n_bytes, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "bits_per_byte": bpb,
               "byte_ppl": 2.0 ** bpb, **extra, "utf8_valid": None}
     if tokenizer.kind == "byte" and samples > 0:

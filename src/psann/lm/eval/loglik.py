@@ -185,7 +185,7 @@ class Scorer:
         from ..train.checkpoint import load_checkpoint
         from ..train.trainer import resolve_device
 
-        model, tok, config = load_checkpoint(ckpt, resolve_device(device))
+        model, tok, config = load_checkpoint(ckpt, resolve_device(device, "device"))
         return cls.for_model(model, tok, config.model, max_length, mc_draws, seed)
 
     @classmethod

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import DataError
+from .tasks import read_jsonl
 
 TARGET_DELIMITER = " "  # lm-eval's default between a query and its choice
 
@@ -19,6 +23,8 @@ TARGET_DELIMITER = " "  # lm-eval's default between a query and its choice
 def score_rows(scorer, rows: list[dict], batch_size: int) -> dict:
     """acc, acc_norm, acc_bytes (with their standard errors) of `scorer` (a loglik.Scorer) on `rows`,
     and `chance`, the accuracy of a uniform guess."""
+    if not rows:
+        raise DataError("no questions to score: an accuracy over none would be meaningless; give at least one row.")
     pairs = [(row["query"], TARGET_DELIMITER + choice) for row in rows for choice in row["choices"]]
     lls = iter(ll for ll, _ in scorer.loglikelihood(pairs, batch_size, desc="eval mc"))
     hits = {"acc": [], "acc_norm": [], "acc_bytes": []}
@@ -37,13 +43,14 @@ def score_rows(scorer, rows: list[dict], batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "psannlm eval mc") -> int:
+    from ..train.trainer import resolve_device
     from .loglik import Scorer
-    from .tasks import read_jsonl
 
     parser = argparse.ArgumentParser(prog=prog, description="Multiple-choice accuracy (acc, acc_norm, acc_bytes) of a "
                                      "checkpoint on JSONL files, as the harness's psann_mc task scores them.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory")
-    parser.add_argument("--data", nargs="+", required=True, help='JSONL files of {"query", "choices", "gold"}')
+    printing = "--print-config" in (sys.argv[1:] if argv is None else argv)  # shows the options; needs none of them
+    parser.add_argument("--ckpt", required=not printing, help="checkpoint directory")
+    parser.add_argument("--data", nargs="+", required=not printing, help='JSONL files of {"query", "choices", "gold"}')
     parser.add_argument("--limit", type=int, help="score only the first N questions of each file")
     parser.add_argument("--batch-size", type=int, default=8, help="continuations per forward")
     parser.add_argument("--device", default="auto")
@@ -56,6 +63,7 @@ def main(argv: list[str] | None = None, prog: str = "psannlm eval mc") -> int:
     for name in ("limit", "batch_size", "mc_draws"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    args.device = str(resolve_device(args.device, "--device"))
     if args.print_config:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
         return 0

@@ -48,11 +48,17 @@ def _check_ppl(row: dict, where: str) -> None:
 def read_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
     """The rows of a task file, checked: kind "mc" ({"query", "choices", "gold"}) or "ppl" ({"text"})."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a task data file (.jsonl).")
     if not path.is_file():
         raise DataError(f"task data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start}); save it as UTF-8.") from None
     check = {"mc": _check_mc, "ppl": _check_ppl}[kind]
     rows = []
-    for number, row in jsonl_rows(path.read_text(encoding="utf-8").splitlines(), path, "write one JSON object per line."):
+    for number, row in jsonl_rows(text.splitlines(), path, "write one JSON object per line."):
         where = f"{path}:{number}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: each line must be a JSON object.")

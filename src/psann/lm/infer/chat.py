@@ -99,7 +99,8 @@ def _command(session: ChatSession, line: str, out: TextIO) -> bool:
             value = None if name == "/topk" and arg in ("off", "none", "0") else kind(arg)
             session.set_option(key, value)
         except (ValueError, ConfigError) as exc:
-            out.write(f"(cannot set {key} to {arg!r}: {exc})\n")
+            reason = str(exc).replace(f"'generate.{key}'", name)  # named as typed here: /temp, not generate.temperature
+            out.write(f"(cannot set {key} to {arg!r}: {reason})\n")
         else:
             out.write(f"({key} = {getattr(session.settings, key)})\n")
     else:
@@ -110,6 +111,8 @@ def _command(session: ChatSession, line: str, out: TextIO) -> bool:
 def chat_loop(session: ChatSession, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     """Read messages line by line until /quit or end of input; stream each reply."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, as in training text, not a traceback
+        stdin.reconfigure(errors="replace")
     interactive = stdin.isatty()
     context = session.lm.model_config.max_seq_len
     out.write(f"psann chat: {session.lm.model_config.base} model, {context}-token context. {HELP}\n")

@@ -33,6 +33,8 @@ def generate_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], gen: Gen
     window that costs one prefill per quarter window, not one per token).
     `should_stop(row, new_ids)` lets the caller end a row early (e.g. on a stop string).
     """
+    if not prompts:
+        return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (psannLM prompts start with BOS).")
     was_training = model.training

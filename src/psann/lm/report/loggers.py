@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import importlib
+import io
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -18,9 +20,11 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, did_you_mean
+from ..files import write_atomic
 
 LOGGERS = ("console", "jsonl", "csv", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
+log = logging.getLogger("psann.lm")
 OPTIONAL = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # logger -> module its extra installs
 
 
@@ -66,11 +70,29 @@ def _short(value: int | float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-class JsonlLogger:
-    """metrics.jsonl, one JSON object per record (resumed runs append); the loss plot reads it."""
+def _after(resume_step: int | None, step) -> bool:
+    """A record of a step after the resumed one: a resumed run replays those steps, so they go."""
+    try:
+        return resume_step is not None and int(step) > resume_step
+    except (TypeError, ValueError):
+        return False
 
-    def __init__(self, run_dir: str | os.PathLike):
+
+class JsonlLogger:
+    """metrics.jsonl, one JSON object per record; a run resumed at step s first drops the records
+    after s (they are replayed), so each step appears once. The loss plot reads it."""
+
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                step = _step_of(line)
+                if step is None:  # a line cut by the crash the run resumes from
+                    log.warning("%s: dropping a damaged line (%r) before resuming.", self.path, line[:80])
+                elif not _after(resume_step, step):
+                    kept.append(line + "\n")
+            write_atomic(self.path, "".join(kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
@@ -81,14 +103,24 @@ class JsonlLogger:
         self._file.close()
 
 
+def _step_of(line: str):
+    try:
+        return json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 class CsvLogger:
     """metrics.csv, one row per record and one column per key ever logged, in order of first
     appearance. A key first seen mid-run (validation metrics, a model's auxiliary losses) rewrites
-    the file with the wider header, keeping every earlier row; resumed runs append under it."""
+    the file with the wider header, keeping every earlier row; resumed runs drop the rows after the
+    resumed step and append under the same header."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.csv"
         self.fields = self._header()
+        if resume_step is not None and self.fields:
+            self._rewrite([r for r in self._rows() if not _after(resume_step, r.get("step"))])
 
     def _header(self) -> list[str]:
         if not self.path.exists():
@@ -104,17 +136,20 @@ class CsvLogger:
             csv.DictWriter(fh, self.fields).writerow(record)
 
     def _widen(self, new: list[str]) -> None:
-        rows = []
-        if self.fields:
-            with open(self.path, encoding="utf-8", newline="") as fh:
-                rows = list(csv.DictReader(fh))
+        rows = self._rows() if self.fields else []
         self.fields = self.fields + new
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, self.fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        self._rewrite(rows)
+
+    def _rows(self) -> list[dict]:
+        with open(self.path, encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path, buffer.getvalue())
 
     def close(self) -> None:
         pass  # every row is written through a file opened and closed for it
@@ -123,9 +158,11 @@ class CsvLogger:
 class TensorBoardLogger:
     """Scalars tagged `kind/name` (train/loss, val/val_loss) against the step, in <run_dir>/tensorboard."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None):
         writer_class = _optional(OPTIONAL["tensorboard"], "tensorboard").SummaryWriter
-        self._writer = writer_class(log_dir=str(Path(run_dir) / "tensorboard"))
+        # purge_step hides the events after the resumed step, which the resumed run writes again
+        purge = None if resume_step is None else resume_step + 1
+        self._writer = writer_class(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict) -> None:
         for name, value in scalars(record).items():
@@ -169,8 +206,10 @@ class Loggers:
 
 
 def open_loggers(names: Iterable[str], run_dir: str | os.PathLike, *, is_main: bool = True, run_config: dict | None = None,
-                 wandb_project: str = "psann-lm", wandb_run_name: str | None = None, wandb_mode: str = "offline") -> Loggers:
+                 wandb_project: str = "psann-lm", wandb_run_name: str | None = None, wandb_mode: str = "offline",
+                 resume_step: int | None = None) -> Loggers:
     """The backends `names` (from LOGGERS) writing into `run_dir`; a no-op fan-out unless `is_main`.
+    `resume_step`: the run continues from that step, so the file backends drop what came after it.
     Every rank imports the optional packages first, so a missing one stops all ranks together
     instead of leaving the others waiting for rank 0."""
     names = list(dict.fromkeys(names))
@@ -186,11 +225,11 @@ def open_loggers(names: Iterable[str], run_dir: str | os.PathLike, *, is_main: b
         if name == "console":
             backends.append(ConsoleLogger())
         elif name == "jsonl":
-            backends.append(JsonlLogger(run_dir))
+            backends.append(JsonlLogger(run_dir, resume_step))
         elif name == "csv":
-            backends.append(CsvLogger(run_dir))
+            backends.append(CsvLogger(run_dir, resume_step))
         elif name == "tensorboard":
-            backends.append(TensorBoardLogger(run_dir))
+            backends.append(TensorBoardLogger(run_dir, resume_step))
         else:
             backends.append(WandbLogger(run_dir, wandb_project, wandb_run_name, wandb_mode, run_config))
     return Loggers(backends)

@@ -141,7 +141,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def resolve_settings(args) -> SuiteSettings:
     from ..train.trainer import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     scale = args.scale if args.scale != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     if scale == "gpu" and device.type != "cuda":
         raise ConfigError(f"--scale gpu needs a CUDA device (the device here is {device}); use --scale cpu.")

@@ -6,8 +6,12 @@ import abc
 import itertools
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence, Union
+from unicodedata import ucd_3_2_0
+
+import regex
 
 from ..errors import CheckpointError, DataError
 
@@ -16,6 +20,44 @@ FORMAT_VERSION = 1
 # Shown in place of ids outside [0, vocab_size), e.g. from a model whose output
 # layer was padded past the tokenizer's vocabulary. Decoding must never crash.
 OUT_OF_RANGE_TEXT = "\ufffd"
+
+STREAM_CHARS = 1 << 18  # characters encoded per call when a long text is encoded piece by piece
+# Where a long text may be cut so that its parts, encoded apart, give the ids of the whole (a cut
+# falls after each match, which is one character):
+CUT_ANYWHERE = re.compile(r"[^\ud800-\udbff]")  # byte, char: anywhere but inside a surrogate pair
+# Subword backends: before a space that follows a character other than whitespace or U+2581. No
+# pre-token of the GPT-2 / GPT-4 patterns and no SentencePiece piece joins such a character to the
+# space after it (each backend checks this holds for its model before it uses the rule).
+CUT_BEFORE_SPACE = re.compile(r"[^\s\u2581](?= )")
+
+
+class _BetweenPretokens:
+    r"""Byte-level BPE with the GPT-2 / GPT-4 patterns, for text without spaces (CJK, minified JSON):
+    before a space as above, or after a letter followed by a non-letter, or after a number followed
+    by a non-number. Exact because every pre-token that holds a letter (\p{L}+, or 's, 'll, ...)
+    ends where its run of letters ends, and every one that holds a number (\p{N}+, \p{N}{1,3})
+    where its run of numbers ends, so the cut is a pre-token boundary of the whole text; and the
+    patterns read the character after it only to ask for one more letter (or number), which fails
+    there just as it fails at the end of the left part, so each part splits as in the whole (the
+    patterns look nothing up behind). Both characters must be in Unicode 3.2, so that the encoder's
+    tables (tiktoken's and Hugging Face's lag the `regex` module's) class them alike, and neither a
+    surrogate, which the encoders may join into one character. A single pre-token (letters with no
+    punctuation) has no such place and is held whole."""
+
+    rule = regex.compile(r"[^\s\u2581](?= )|\p{L}(?=[^\p{L}\ud800-\udfff])|\p{N}(?=[^\p{N}\ud800-\udfff])")
+
+    def finditer(self, text: str, pos: int = 0) -> Iterator[Any]:
+        for m in self.rule.finditer(text, pos):
+            p = m.end()
+            if text[p] == " " or "Cn" not in (ucd_3_2_0.category(text[p - 1]), ucd_3_2_0.category(text[p])):
+                yield m
+
+    def search(self, text: str, pos: int = 0) -> Any:
+        return next(self.finditer(text, pos), None)
+
+
+CUT_BETWEEN_PRETOKENS = _BetweenPretokens()
+Cuts = Union[re.Pattern, _BetweenPretokens]  # what `_next_cut` needs: search(text, pos) -> match or None
 
 
 class TokenizerFileNotFoundError(DataError, FileNotFoundError):
@@ -53,6 +95,15 @@ class Tokenizer(abc.ABC):
     def special_tokens(self) -> dict[int, str]:
         """Map each of pad/bos/eos/unk id to its token text."""
 
+    def _stream_cuts(self) -> Cuts | None:
+        """Where `encode_stream` may cut a text (see CUT_ANYWHERE), or None when this tokenizer's
+        model must see the whole text."""
+        return CUT_ANYWHERE
+
+    def _unsplittable(self) -> Sequence[str]:
+        """Strings encoded as one token wherever they occur in the text: no cut falls inside one."""
+        return ()
+
     @abc.abstractmethod
     def _save_files(self, directory: Path) -> dict[str, Any]:
         """Write backend files into ``directory``; return extra fields for the meta file."""
@@ -76,6 +127,25 @@ class Tokenizer(abc.ABC):
         self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
     ) -> list[list[int]]:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+
+    def encode_stream(self, pieces: str | Iterable[str], *, add_bos: bool = False, add_eos: bool = False,
+                      chunk_chars: int = STREAM_CHARS) -> Iterator[list[int]]:
+        """The ids of the text `"".join(pieces)`, a list per chunk of about `chunk_chars` characters:
+        chained, exactly `encode(text, add_bos=..., add_eos=...)`, while only a chunk of text and
+        its ids are held at a time. Chunks end only where the tokenizer would cut anyway
+        (`_stream_cuts`); a tokenizer that cannot be cut exactly encodes the joined text at once."""
+        if isinstance(pieces, str):
+            pieces = [pieces]
+        if add_bos:
+            yield [self.bos_id]
+        cuts = self._stream_cuts()
+        if cuts is None:
+            yield self._encode_text("".join(_text_pieces(pieces)))
+        else:
+            for chunk in cut_text(pieces, cuts, self._unsplittable(), chunk_chars):
+                yield self._encode_text(chunk)
+        if add_eos:
+            yield [self.eos_id]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         specials = self.special_tokens()
@@ -196,6 +266,55 @@ class Tokenizer(abc.ABC):
                 f"bos={self.bos_id}, eos={self.eos_id}, unk={self.unk_id}, "
                 f"vocab_size={self.vocab_size}); they must be distinct and < vocab_size"
             )
+
+
+def _text_pieces(pieces: Iterable[str]) -> Iterator[str]:
+    for piece in pieces:
+        if not isinstance(piece, str):
+            raise DataError(f"text pieces must be str, got {type(piece).__name__}")
+        yield piece
+
+
+def _next_cut(text: str, lo: int, hi: int, cuts: Cuts, unsplittable: Sequence[str]) -> int:
+    """The first place in [lo, hi] where `cuts` allows a cut and no unsplittable string spans it; -1: none."""
+    m = cuts.search(text, max(0, lo - 1))
+    while m is not None and m.end() <= hi:
+        p = m.end()
+        if not any(text.find(s, max(0, p - len(s) + 1), p + len(s) - 1) >= 0 for s in unsplittable):
+            return p
+        m = cuts.search(text, m.start() + 1)
+    return -1
+
+
+def cut_text(pieces: Iterable[str], cuts: Cuts, unsplittable: Sequence[str] = (),
+             chunk_chars: int = STREAM_CHARS) -> Iterator[str]:
+    """The text of `pieces` again, in chunks of at least `chunk_chars` characters (the last may be
+    shorter) that end only after a match of `cuts` and never inside one of `unsplittable`. A stretch
+    with no such place is held until one comes (or the text ends)."""
+    chunk_chars = max(1, int(chunk_chars))
+    long_ones = [s for s in unsplittable if len(s) > 1]
+    guard = max([1, *map(len, long_ones)])  # characters past a cut that must be seen to judge it
+    pending: list[str] = []
+    size, want = 0, chunk_chars
+    for piece in _text_pieces(pieces):
+        pending.append(piece)
+        size += len(piece)
+        if size < want:
+            continue
+        text, pos, stuck = "".join(pending), 0, False
+        while len(text) - pos >= chunk_chars:
+            cut = _next_cut(text, pos + chunk_chars, len(text) - guard, cuts, long_ones)
+            if cut < 0:
+                stuck = True
+                break
+            yield text[pos:cut]
+            pos = cut
+        rest = text[pos:] if pos else text
+        pending, size = [rest], len(rest)
+        want = 2 * size if stuck else chunk_chars  # stuck: search again once twice the text is here
+    tail = "".join(pending)
+    if tail:
+        yield tail
 
 
 def nonempty_texts(texts: Iterable[str], kind: str) -> Iterator[str]:

@@ -5,6 +5,9 @@ Encoding: special tokens in the text are matched first (never split or merged; w
 overlap at one position the longest wins), the text between them is pre-tokenised with a regex
 (GPT-2's by default), and each pre-token is merged by merge rank. tiktoken does the merging;
 ``encode_reference`` is a small pure-Python implementation of the same algorithm used to check it.
+A long text is encoded in chunks (``encode_stream``) cut before a space or at the end of a run of
+letters or numbers (``CUT_BETWEEN_PRETOKENS``): no pre-token of the GPT-2 or GPT-4 pattern crosses
+such a place, and specials are never cut, so the ids are exactly those of the whole text.
 
 Role tokens: ``<|endoftext|>`` (or ``<|eos|>``, ``</s>``, ...) is EOS, ``<|bos|>``-like tokens are
 BOS and ``<|pad|>``-like tokens are PAD. Because pad/bos/eos must be distinct ids, a role with no
@@ -31,8 +34,8 @@ import numpy as np
 import regex
 
 from ..errors import CheckpointError, DataError
-from .base import Tokenizer, check_against_meta, read_meta, require_file
-from .bpe_train import GPT2_PATTERN, train_bpe
+from .base import CUT_BETWEEN_PRETOKENS, Tokenizer, check_against_meta, read_meta, require_file
+from .bpe_train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
 from .chat import CHAT_TOKENS
 from .gpt2_bytes import str_to_token, token_to_str
 
@@ -209,8 +212,6 @@ class BPETokenizer(Tokenizer):
         # Longest first, so that overlapping specials match the longest (re tries in order).
         ordered = sorted(specials, key=lambda s: (-len(s), s))
         self._special_re = re.compile("|".join(re.escape(s) for s in ordered))
-        self._special_prefixes = {s[:k] for s in specials for k in range(1, len(s))}
-        self._max_special_len = max(len(s) for s in specials)
         self._check_special_ids()
 
     # ----- constructors -----------------------------------------------------------------
@@ -429,51 +430,22 @@ class BPETokenizer(Tokenizer):
                 out.extend(self._bytes_to_id[p] for p in parts)
         return out
 
-    def _safe_cut(self, buf: str) -> int:
-        """Index up to which ``buf`` encodes the same however the text continues."""
-        # 1. Do not cut into anything that may still become a special token.
-        hold = len(buf)
-        for k in range(min(self._max_special_len - 1, len(buf)), 0, -1):
-            if buf[-k:] in self._special_prefixes:
-                hold = len(buf) - k
-                break
-        last_end = 0
-        for m in self._special_re.finditer(buf):
-            if m.start() >= hold:
-                break
-            last_end = m.end()
-        if last_end >= hold:
-            return last_end
-        # 2. Inside ordinary text: keep the last two pre-tokens (a whitespace run or a word at
-        #    the end may still grow or be split differently by the text that follows).
-        starts = [m.start() for m in self._pattern_re.finditer(buf, last_end, hold)]
-        if len(starts) >= 3:
-            return starts[-2]
-        return last_end
+    def _stream_cuts(self):
+        # Exact for the patterns we train with (see CUT_BETWEEN_PRETOKENS); another sees the whole text.
+        return CUT_BETWEEN_PRETOKENS if self.pattern in (GPT2_PATTERN, GPT4_PATTERN) else None
+
+    def _unsplittable(self) -> list[str]:
+        return list(self._specials)
 
     def encode_iterable(self, texts: Iterable[str], *, buffer_chars: int = 4096) -> Iterator[int]:
         """Lazily encode a stream of text chunks; equals ``encode("".join(texts))``.
 
-        Text is buffered and encoded up to a safe cut (never inside a possible special token, a
-        trailing whitespace run or the last pre-tokens), so memory stays about ``buffer_chars``
-        plus the longest pre-token.
+        Text is buffered and encoded up to a safe cut (see ``encode_stream``), so memory stays
+        about ``buffer_chars`` plus one chunk and the longest pre-token (CJK and JSON cut at
+        punctuation; only one huge pre-token, such as letters with no punctuation, is held whole).
         """
-        buf = ""
-        base = max(1, int(buffer_chars))
-        threshold = base
-        for chunk in texts:
-            if not isinstance(chunk, str):
-                raise DataError(f"encode_iterable() expects str chunks, got {type(chunk).__name__}")
-            buf += chunk
-            if len(buf) < threshold:  # wait for a few KB so the cut search is not quadratic
-                continue
-            cut = self._safe_cut(buf)
-            if cut > 0:
-                yield from self._encode_text(buf[:cut])
-                buf = buf[cut:]
-            threshold = max(base, 2 * len(buf))
-        if buf:
-            yield from self._encode_text(buf)
+        for ids in self.encode_stream(texts, chunk_chars=buffer_chars):
+            yield from ids
 
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
         table = self._id_bytes_list

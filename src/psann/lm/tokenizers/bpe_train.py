@@ -196,8 +196,11 @@ def bpe_merges(word_counts: dict[bytes, int], n_merges: int, first_id: int,
 
 def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
               special_tokens: Sequence[str] = (), *, pattern: str = GPT2_PATTERN, num_workers: int | None = None,
-              progress: bool = True) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """Train a byte-level BPE on one or more text files -> (vocab id -> bytes, merges in creation order)."""
+              progress: bool = True, size_key: str = "vocab_size") -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Train a byte-level BPE on one or more text files -> (vocab id -> bytes, merges in creation order).
+
+    The vocabulary holds exactly `vocab_size` ids (special tokens included) unless the corpus runs out
+    of pairs to merge first. `size_key` names the option vocab_size came from (--vocab-size), for messages."""
     paths = [Path(input_path)] if isinstance(input_path, (str, os.PathLike)) else [Path(p) for p in input_path]
     for path in paths:
         if not path.is_file():
@@ -205,10 +208,10 @@ def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab
     special_tokens = list(dict.fromkeys(special_tokens))
     minimum = 256 + len(special_tokens)
     if vocab_size < minimum:
-        raise ConfigError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte values and "
+        raise ConfigError(f"{size_key} {vocab_size} is too small: it must hold the 256 byte values and "
                           f"{len(special_tokens)} special token(s), so at least {minimum}.")
     if vocab_size > MAX_VOCAB:
-        raise ConfigError(f"vocab_size {vocab_size} is too large: at most {MAX_VOCAB} is supported.")
+        raise ConfigError(f"{size_key} {vocab_size} is too large: at most {MAX_VOCAB} is supported.")
     workers = num_workers or os.cpu_count() or 1
     if sum(p.stat().st_size for p in paths) <= BLOCK_CHARS:
         workers = 1  # one block: a process pool would only add its start-up time
@@ -230,6 +233,6 @@ def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab
     ordered = dict(sorted(word_counts.items()))
     merges = bpe_merges(ordered, vocab_size - minimum, len(special_tokens), vocab, progress=progress)
     if len(vocab) < vocab_size:
-        log.info("bpe: the corpus supports only %d merges; vocabulary has %d entries (asked for %d).",
-                 len(merges), len(vocab), vocab_size)
+        log.info("bpe: the corpus supports only %d merges, so the vocabulary has %d ids, not the %d of %s; "
+                 "train on more text to fill it.", len(merges), len(vocab), vocab_size, size_key)
     return vocab, merges

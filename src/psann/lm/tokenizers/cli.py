@@ -1,9 +1,12 @@
-"""`psannlm tokenizer train | encode | stats`: the from-scratch BPE from the command line."""
+"""`psannlm tokenizer train | encode | stats`: the from-scratch BPE from the command line.
+
+The command takes no config file; --print-config prints its resolved options as JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import time
@@ -12,24 +15,32 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..data.text import CountingDecoder, read_text_file
 from ..errors import DataError
+
+log = logging.getLogger("psann.lm")
 
 READ_CHARS = 1 << 20  # characters handed to encode_iterable at a time
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from psann.cli import at_least
+
     p = sub.add_parser("tokenizer", help="train a byte-level BPE, encode a corpus to .npy, report bytes/token")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    # metavar: a missing sub-command is reported as {train,encode,stats}, not as the dest name
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="{train,encode,stats}")
 
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     t.add_argument("--input", nargs="+", required=True, help="text files (UTF-8; bad bytes are replaced and counted)")
-    t.add_argument("--vocab-size", type=int, required=True, help="total size: specials + 256 bytes + merges")
+    t.add_argument("--vocab-size", type=int, required=True,
+                   help="total ids, special tokens included: specials (with the chat tokens and BOS/PAD) + 256 "
+                        "bytes + merges; a corpus too small for that many merges gives fewer, with a message")
     t.add_argument("--special-token", action="append", default=None,
                    help="special token (repeatable; default <|endoftext|>)")
     t.add_argument("--no-chat-tokens", dest="chat_tokens", action="store_false",
                    help="do not reserve the chat role tokens <|system|> <|user|> <|assistant|> <|end|>")
     t.add_argument("--pattern", choices=("gpt2", "gpt4"), default="gpt2", help="pre-tokenisation regex")
-    t.add_argument("--num-workers", type=int, default=None, help="pre-tokenisation processes (default: all cores)")
+    t.add_argument("--num-workers", type=at_least(1), default=None, help="pre-tokenisation processes (default: all cores)")
     t.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json, ...")
 
     e = tsub.add_parser("encode", help="encode a text file to a .npy of token ids (uint16 when the vocab fits)")
@@ -40,26 +51,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = tsub.add_parser("stats", help="bytes/token and encoding throughput on sampled documents")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--input", required=True)
-    s.add_argument("--docs", type=int, default=10, help="documents to sample")
+    s.add_argument("--docs", type=at_least(1), default=10, help="documents to sample")
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--separator", default="<|endoftext|>",
                    help="document separator (falls back to blank lines when absent)")
 
 
 def run(args) -> int:
+    if args.print_config:
+        options = {k: v for k, v in vars(args).items() if k != "print_config"}
+        if args.tokenizer_command == "train":
+            options["special_tokens"] = special_tokens(args)  # every one, as counted in --vocab-size
+        print(json.dumps(options, indent=2))
+        return 0
     return {"train": _train, "encode": _encode, "stats": _stats}[args.tokenizer_command](args)
+
+
+def special_tokens(args) -> list[str]:
+    """The special tokens the trained vocabulary holds: those asked for, the chat role tokens, and the
+    BOS/EOS/PAD tokens BPETokenizer adds for roles none of them fills. Training with all of them is
+    what makes --vocab-size the exact total."""
+    from .bpe import BPETokenizer
+    from .chat import CHAT_TOKENS
+
+    asked = list(dict.fromkeys((args.special_token or ["<|endoftext|>"]) + list(CHAT_TOKENS if args.chat_tokens else ())))
+    probe = BPETokenizer({i: bytes([i]) for i in range(256)}, [], asked)
+    return sorted(probe.special_token_ids, key=probe.special_token_ids.get)
 
 
 def _train(args) -> int:
     from .bpe import BPETokenizer
     from .bpe_train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
 
-    from .chat import CHAT_TOKENS
-
-    specials = list(dict.fromkeys((args.special_token or ["<|endoftext|>"]) + list(CHAT_TOKENS if args.chat_tokens else ())))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DataError(f"--out {args.out} is a file; give a directory for the tokenizer files.")
+    specials = special_tokens(args)
     pattern = GPT4_PATTERN if args.pattern == "gpt4" else GPT2_PATTERN
     start = time.perf_counter()
-    vocab, merges = train_bpe(args.input, args.vocab_size, specials, pattern=pattern, num_workers=args.num_workers)
+    vocab, merges = train_bpe(args.input, args.vocab_size, specials, pattern=pattern, num_workers=args.num_workers,
+                              size_key="--vocab-size")
     seconds = time.perf_counter() - start
     tok = BPETokenizer(vocab, merges, specials, pattern)
     tok.save(args.out)
@@ -69,14 +99,23 @@ def _train(args) -> int:
     return 0
 
 
+def _check_input(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"--input {path} not found (or not a file); give a text file.")
+
+
 def _read_chunks(path: Path, bar: tqdm):
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    """The file's text in chunks; invalid UTF-8 is replaced and counted in one warning, as in training."""
+    decoder = CountingDecoder()
+    with open(path, encoding="utf-8", errors=decoder.errors) as fh:
         while True:
             text = fh.read(READ_CHARS)
             if not text:
-                return
+                break
             bar.update(len(text.encode("utf-8")))
             yield text
+    if decoder.bad:
+        log.warning("%s: %d invalid UTF-8 byte sequence(s) replaced with U+FFFD.", path, decoder.bad)
 
 
 def _encode(args) -> int:
@@ -85,8 +124,9 @@ def _encode(args) -> int:
 
     tok = load_tokenizer(args.tokenizer)
     path, out = Path(args.input), Path(args.out)
-    if not path.is_file():
-        raise DataError(f"input not found (or not a file): {path}")
+    _check_input(path)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a directory; give the path of the .npy file to write.")
     dtype = token_dtype(tok.vocab_size)
     raw = out.with_name(out.name + ".ids.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +167,11 @@ def _stats(args) -> int:
 
     tok = load_tokenizer(args.tokenizer)
     path = Path(args.input)
-    if not path.is_file():
-        raise DataError(f"input not found (or not a file): {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    _check_input(path)
+    text = read_text_file(path)
     docs = [d for d in (text.split(args.separator) if args.separator in text else text.split("\n\n")) if d.strip()]
+    if not docs:
+        raise DataError(f"--input {path} has no text to measure (the file is empty or only whitespace).")
     sample = random.Random(args.seed).sample(docs, min(args.docs, len(docs)))
     start = time.perf_counter()
     n_tokens = sum(len(tok.encode(d)) for d in sample)

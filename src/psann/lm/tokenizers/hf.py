@@ -11,7 +11,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..errors import CheckpointError, ConfigError, DataError
-from .base import Tokenizer, check_against_meta, nonempty_texts, read_meta, require_file
+from .base import CUT_BETWEEN_PRETOKENS, Tokenizer, check_against_meta, nonempty_texts, read_meta, require_file
 
 DEFAULT_VOCAB_SIZE = 8000
 MODEL_FILE = "tokenizer.json"
@@ -90,6 +90,7 @@ class HFTokenizer(Tokenizer):
         # Added tokens may leave gaps, so size by the largest id rather than a count.
         self._vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
         self._check_special_ids()
+        self._cuts: tuple | None = None  # (cut rule or None, added tokens), found out on first use
 
     def _free_id(self, token: str, used: set[int]) -> int | None:
         i = self._tok.token_to_id(token)
@@ -153,6 +154,26 @@ class HFTokenizer(Tokenizer):
     def _encode_text(self, text: str) -> list[int]:
         # add_special_tokens=False: an external post-processor must not add BOS/EOS.
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _stream_info(self) -> tuple:
+        """CUT_BETWEEN_PRETOKENS is exact for byte-level BPE with the GPT-2 regex and no normalizer
+        (what `train` makes): pre-tokens never cross such a place. Other pipelines (normalizers,
+        Metaspace, prefix spaces) see the whole text."""
+        if self._cuts is None:
+            spec = json.loads(self._tok.to_str())
+            pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+            exact = (spec.get("normalizer") is None and model.get("type") == "BPE" and not model.get("dropout")
+                     and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                     and not pre.get("add_prefix_space"))
+            added = [t["content"] for t in spec.get("added_tokens") or []]
+            self._cuts = (CUT_BETWEEN_PRETOKENS if exact else None, added)
+        return self._cuts
+
+    def _stream_cuts(self):
+        return self._stream_info()[0]
+
+    def _unsplittable(self) -> list[str]:
+        return self._stream_info()[1]  # added tokens are matched in the text before pre-tokenisation
 
     def encode_batch(
         self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import sentencepiece
 
 from ..errors import CheckpointError, ConfigError, DataError
-from .base import Tokenizer, check_against_meta, nonempty_texts, read_meta, require_file
+from .base import CUT_BEFORE_SPACE, Tokenizer, check_against_meta, nonempty_texts, read_meta, require_file
 
 DEFAULT_VOCAB_SIZE = 8000
 MODEL_FILE = "tokenizer.model"
@@ -68,6 +68,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self._own_or_new(self._sp.eos_id(), "</s>", used)
         self.pad_id = self._own_or_new(self._sp.pad_id(), "<pad>", used)
         self._check_special_ids()
+        self._cuts_exact: bool | None = None  # found out on first use
 
     def _own_or_new(self, own: int, name: str, used: set[int]) -> int:
         if own < 0 or own in used:
@@ -153,6 +154,27 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_text(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def _stream_cuts(self):
+        if self._cuts_exact is None:
+            self._cuts_exact = self._cuts_before_space_exact()
+        return CUT_BEFORE_SPACE if self._cuts_exact else None
+
+    def _cuts_before_space_exact(self) -> bool:
+        """Whether text cut before a space encodes, part by part, to the ids of the whole: true when
+        the model keeps the text as it is (no normalisation, dummy prefix or whitespace removal,
+        as in the models we train) and no piece joins a character to a space after it; then no
+        piece spans the cut and the best segmentation of the whole is that of the parts."""
+        sp = self._sp
+        probe = "  a  \ufb01 \uff21 b "  # NFKC would turn the ligature and the full-width A into "fi", "A"
+        if sp.decode(sp.encode(probe)) != probe:
+            return False
+        if any(sp.encode(a + b) != sp.encode(a) + sp.encode(b) for a, b in (("a", " b"), ("x.", " y"))):
+            return False  # e.g. a dummy prefix before every encoded text
+        for i in range(self._pieces):
+            if not (sp.IsByte(i) or sp.IsControl(i) or sp.IsUnknown(i)) and "\u2581" in sp.id_to_piece(i).lstrip("\u2581"):
+                return False
+        return True
 
     def encode_batch(
         self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False

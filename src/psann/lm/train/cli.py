@@ -12,9 +12,11 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from ..config import RunConfig, dump_config, load_config
 from ..errors import ConfigError, PsannError
+from ..files import DirectoryLock
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -70,32 +72,54 @@ def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[s
     return overrides
 
 
-def apply_init_from(config: RunConfig) -> RunConfig:
-    """Fine-tuning (train.init_from, also when resuming such a run): the checkpoint's model config
-    with the model keys the config names on top, its tokenizer unless data names one, and its
-    context as data.max_length unless set (longer is an error). "Names" means the keys of the config
-    file and overrides (`RunConfig.given`); a RunConfig built in Python names none."""
-    train, data = config.train, config.data
-    if not train.init_from:
-        return config
-    from ..config import ModelConfig
-    from .checkpoint import read_checkpoint_config
+def apply_start_checkpoint(config: RunConfig, info=None) -> RunConfig:
+    """Start from a checkpoint: fine-tuning (train.init_from) or resuming (train.resume_from).
+    The model is the checkpoint's with the model keys the config names on top, the tokenizer is the
+    checkpoint's unless data names one, and data.max_length its context unless set (longer is an
+    error). Resuming also takes every data key the config does not name, so a resume needs no config
+    file; the trainer then refuses any named key that differs from the checkpoint's. "Names" means
+    the keys of the config file and overrides (`RunConfig.given`); a RunConfig built in Python names none."""
+    from ..config import DataConfig, ModelConfig
+    from .checkpoint import latest_checkpoint, read_checkpoint_config, resolve_checkpoint
+    from .distributed import DistInfo, broadcast_object
+    from .trainer import INIT_AND_RESUME, LATEST_NEEDS_DIR
 
-    start = read_checkpoint_config(train.init_from).model
-    mine = [f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in config.given]
-    model = ModelConfig(**{**start.to_dict(), **{k: getattr(config.model, k) for k in mine}})
+    train = config.train
+    if train.init_from and train.resume_from:
+        raise ConfigError(INIT_AND_RESUME)
+    if train.resume_from == "latest" and not train.checkpoint_dir:
+        raise ConfigError(LATEST_NEEDS_DIR)
+    source = train.init_from or train.resume_from
+    if not source:
+        return config
+    if source == "latest":  # rank 0 chooses, so that every rank starts from the same checkpoint
+        main = info is None or info.is_main
+        source = broadcast_object(str(latest_checkpoint(train.checkpoint_dir)) if main else None, info or DistInfo())
+    source = str(resolve_checkpoint(source))
+    start = read_checkpoint_config(source)
+    model = _overlay(ModelConfig, start.model, config.model, config.given)
+    data = config.data
+    if train.resume_from:
+        tokenizer_keys = ("cache_dir", "tokenizer", "tokenizer_model_path", "tokenizer_vocab_size")
+        data = _overlay(DataConfig, start.data, data, config.given | {f"data.{k}" for k in tokenizer_keys})
     if not (data.tokenizer_model_path or data.path):
-        data = dataclasses.replace(data, tokenizer_model_path=os.path.join(train.init_from, "tokenizer"))
-    if model.max_seq_len and "data.max_length" not in config.given:
+        data = dataclasses.replace(data, tokenizer_model_path=os.path.join(source, "tokenizer"))
+    if model.max_seq_len and "data.max_length" not in config.given and not train.resume_from:
         data = dataclasses.replace(data, max_length=model.max_seq_len)
     elif model.max_seq_len and data.max_length > model.max_seq_len:
         raise ConfigError(f"data.max_length={data.max_length} is longer than the {model.max_seq_len}-token "
-                          f"context of {train.init_from}; lower it (or leave it unset to use the checkpoint's).")
+                          f"context of {source}; lower it (or leave it unset to use the checkpoint's).")
     return dataclasses.replace(config, model=model, data=data)
 
 
+def _overlay(section, theirs, mine, given: frozenset[str]):
+    """`theirs` (a config section) with the keys of `mine` that `given` names."""
+    named = {f.name: getattr(mine, f.name) for f in dataclasses.fields(section) if f"{section.section}.{f.name}" in given}
+    return section(**{**theirs.to_dict(), **named})
+
+
 def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
-    """Fill defaults that depend on the run: fine-tuning's model and tokenizer (apply_init_from), the
+    """Fill defaults that depend on the run: the start checkpoint's model and tokenizer (apply_start_checkpoint), the
     run directory (rank 0's, on every rank), the data cache inside it (one per rank: ranks tokenise
     side by side), and the byte tokenizer for the byte-level bases when the tokenizer is left on auto."""
     from ..models import BYTE_BASES
@@ -103,7 +127,7 @@ def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
     from .trainer import new_run_dir
 
     info = info or DistInfo()
-    config = apply_init_from(config)
+    config = apply_start_checkpoint(config, info)
     train, data, model = config.train, config.data, config.model
     if model.base in BYTE_BASES and data.tokenizer == "auto" and not (data.tokenizer_model_path or data.path):
         data = dataclasses.replace(data, tokenizer="byte")
@@ -119,22 +143,34 @@ def resolve_run_config(config: RunConfig, info=None) -> RunConfig:
 def run_train(config: RunConfig, manifest: str | None = None, out_ckpt: str | None = None) -> dict:
     from ..api import psannLM, psannLMDataPrep
     from .distributed import init_distributed, teardown
-    from .trainer import resolve_device
+    from .trainer import remove_if_unused, resolve_device
 
     info = init_distributed(resolve_device(config.train.device).type)  # torchrun: join the group first
+    lock = None
     try:
         config = resolve_run_config(config, info)
-        if manifest:
-            config = build_from_manifest(config, manifest, info)
-        dp = psannLMDataPrep.from_config(config.data, objective=config.model.objective)
-        lm = psannLM(**config.model.to_dict())
-        lm.generate_config = config.generate
-        lm.fit(dp, **config.train.to_dict())
+        run_dir = Path(config.train.checkpoint_dir)
+        created = not run_dir.exists()
+        # locked before the data cache inside it is written; the trainer's own lock nests in this one
+        lock = DirectoryLock(run_dir, "training run").acquire() if info.is_main else None
+        try:
+            if manifest:
+                config = build_from_manifest(config, manifest, info)
+            dp = psannLMDataPrep.from_config(config.data, objective=config.model.objective)
+            lm = psannLM(**config.model.to_dict())
+            lm.generate_config = config.generate
+            lm.fit(dp, **config.train.to_dict())
+        except BaseException:
+            if lock is not None and created:
+                remove_if_unused(run_dir)  # before the lock goes: no other run may start in it meanwhile
+            raise
         if out_ckpt and info.is_main:
             psannLM.load(lm.last_run["final_checkpoint"]).save(out_ckpt)
             lm.last_run["out_ckpt"] = out_ckpt
         return lm.last_run
     finally:
+        if lock is not None:
+            lock.release()
         teardown(info)
 
 
@@ -165,7 +201,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cl
     add_spec_args(parser)
     args, extra = parser.parse_known_args(argv)
     try:
-        config = apply_init_from(load_config(args.config, [*spec_overrides(args), *split_overrides(extra, parser)]))
+        config = apply_start_checkpoint(load_config(args.config, [*spec_overrides(args), *split_overrides(extra, parser)]))
         if args.print_config:
             print(dump_config(config), end="")
             return 0

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, TrainConfig, dump_config
 from ..data.loader import TokenWindows, WindowLoader
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..files import DirectoryLock
 from ..data.sft import SFTWindows, response_positions
 from ..eval.evaluate import evaluate_loss_sum, evaluate_nelbo
 from ..objectives import DiffusionBatch, causal_lm_loss_sum, diffusion_batch, diffusion_loss_sum
@@ -29,14 +31,20 @@ from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_distributed, teardown
 from .optim import build_optimizer, default_warmup, lr_at
 from .parallel import no_grad_sync, parallelize, uncompile_blocks
-from .sharded import full_optimizer_state, save_fsdp_checkpoint
+from .sharded import full_optimizer_state, on_main_rank, save_fsdp_checkpoint
 from .throughput import flops_per_token, peak_memory_gb, peak_tflops
 
 log = logging.getLogger("psann.lm")
 CPU_MICRO_BATCH_TOKENS = 16384  # keeps CPU activations small without hurting matmul efficiency
+INIT_AND_RESUME = ("train.init_from and train.resume_from are both set: resume_from continues a run (its weights, "
+                   "optimizer, data position and tokenizer), init_from starts a new one from weights. Drop one of "
+                   "them (e.g. --train.init_from=null to resume).")
+LATEST_NEEDS_DIR = ("train.resume_from=latest needs train.checkpoint_dir: the run directory to look in for the newest "
+                    "checkpoint (e.g. --train.checkpoint_dir=runs/<name>).")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`key` names the option the device came from (train.device, --device), for the error."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -46,9 +54,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ConfigError(f"'train.device' {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from exc
+        raise ConfigError(f"'{key}' {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("'train.device' is cuda but no CUDA device is visible; use train.device=auto or cpu.")
+        raise ConfigError(f"'{key}' is {name} but no CUDA device is visible; use {key}{'=' if '.' in key else ' '}auto or cpu.")
     return device
 
 
@@ -160,15 +168,47 @@ def check_same_tokenizer(tokenizer, checkpoint: str) -> None:
     """Weights only mean something with the ids they were trained on."""
     from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 
-    theirs = load_tokenizer(Path(checkpoint) / ckpt.TOKENIZER)
+    theirs = load_tokenizer(ckpt.resolve_checkpoint(checkpoint) / ckpt.TOKENIZER)
     if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"the data's tokenizer ({tokenizer.kind}, vocab {tokenizer.vocab_size}) is not the one "
                           f"{checkpoint} was trained with ({theirs.kind}, vocab {theirs.vocab_size}); use "
                           f"data.tokenizer_model_path={Path(checkpoint) / ckpt.TOKENIZER} (or leave it unset).")
 
 
+# Data keys that decide the token stream a resumed run continues (the tokenizer is compared by
+# fingerprint; cache_dir is where the run keeps its own copy).
+RESUME_DATA_KEYS = ("train_files", "val_files", "path", "sft_files", "max_length", "pack_sequences", "val_split",
+                    "seed", "doc_separator", "sampling", "bos_aligned")
+
+
+def check_resumable(checkpoint: str, config: RunConfig, tokenizer) -> None:
+    """A resume continues exactly the run the checkpoint belongs to: the same format, tokenizer,
+    model and data, or it is refused naming the key that differs."""
+    theirs = ckpt.read_checkpoint_config(checkpoint)  # also checks the format version
+    check_same_tokenizer(tokenizer, checkpoint)
+    mine_model, their_model = config.model.to_dict(), theirs.model.to_dict()
+    mine_data, their_data = config.data.to_dict(), theirs.data.to_dict()
+    differ = [f"model.{k}" for k in mine_model if mine_model[k] != their_model.get(k)]
+    differ += [f"data.{k}" for k in RESUME_DATA_KEYS if mine_data[k] != their_data.get(k)]
+    if differ:
+        key = differ[0]
+        section, name = key.split(".")
+        ours, old = (mine_model, their_model) if section == "model" else (mine_data, their_data)
+        raise ConfigError(f"cannot resume from {checkpoint}: '{key}' is {ours[name]!r} here but {old.get(name)!r} "
+                          f"in the checkpoint{f' (and {len(differ) - 1} more key(s))' if len(differ) > 1 else ''}. "
+                          f"Resume with the checkpoint's settings, or start a new run from its weights with "
+                          f"train.init_from={checkpoint}.")
+
+
 def new_run_dir(root: str = "runs") -> Path:
     return Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that holds no checkpoint and no metrics (a run that failed before
+    training): its data cache and lock file are not worth a stray directory."""
+    if not any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl", "metrics.csv")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class Trainer:
@@ -181,6 +221,14 @@ class Trainer:
         cfg = config.train
         if len(train_windows) == 0:
             raise ConfigError("no training windows: the training text tokenised to fewer than 2 tokens.")
+        if cfg.init_from and cfg.resume_from:
+            raise ConfigError(INIT_AND_RESUME)
+        context = config.model.max_seq_len
+        if context and train_windows.max_length > context:
+            raise ConfigError(f"'data.max_length' ({train_windows.max_length}) is longer than the model's context "
+                              f"'model.max_seq_len' ({context}); lower data.max_length or raise model.max_seq_len.")
+        if cfg.resume_from == "latest" and not cfg.checkpoint_dir:
+            raise ConfigError(LATEST_NEEDS_DIR)
         self.config, self.cfg, self.tokenizer = config, cfg, tokenizer
         device = resolve_device(cfg.device)
         self.dist = init_distributed(device.type)
@@ -194,10 +242,25 @@ class Trainer:
         make_loader = make_loader or (lambda batch_size, seed, rank, world_size: WindowLoader(
             train_windows, batch_size, seed=seed, rank=rank, world_size=world_size))
         self.loader = make_loader(self.plan.micro_batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
-        self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
-        run_dir = cfg.checkpoint_dir or (str(new_run_dir()) if self.dist.is_main else None)
-        self.run_dir = Path(broadcast_object(run_dir, self.dist))
-        if cfg.init_from and not cfg.resume_from:
+        self.step, self.tokens_seen, self.best_val, self.bad_steps, self.skipped_steps = 0, 0, math.inf, 0, 0
+        self.resumed_step: int | None = None
+        self.run_dir = Path(broadcast_object(self._pick_run_dir() if self.dist.is_main else None, self.dist))
+        self._created_run_dir = not self.run_dir.exists()
+        self._lock = DirectoryLock(self.run_dir, "training run").acquire() if self.dist.is_main else None
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    def _setup(self, cfg: TrainConfig) -> None:
+        """Everything after the run directory is locked: weights, parallelism, optimizer, resume."""
+        device, config, tokenizer = self.device, self.config, self.tokenizer
+        if self.dist.is_main:  # leftovers of a run killed mid-save (we hold the lock: nobody is writing)
+            ckpt.recover_checkpoints(self.run_dir / "checkpoints")
+        barrier(self.dist)
+        if cfg.init_from:
+            ckpt.read_checkpoint_config(cfg.init_from)  # says "not found" or lists a run directory's checkpoints
             check_same_tokenizer(tokenizer, cfg.init_from)
             ckpt.load_weights(self.model, cfg.init_from)
             log.info("initialised weights from %s", cfg.init_from)
@@ -215,12 +278,31 @@ class Trainer:
         self.peak_tflops, self.peak_source = peak_tflops(device, self.amp_dtype, cfg.peak_tflops)
         self._pending_save = None
 
+    def _pick_run_dir(self) -> str:
+        """checkpoint_dir; else the run a resumed checkpoint belongs to (run/checkpoints/NAME); else a new one."""
+        cfg = self.cfg
+        if cfg.checkpoint_dir:
+            return cfg.checkpoint_dir
+        if cfg.resume_from:
+            return str(Path(cfg.resume_from).resolve().parent.parent)
+        return str(new_run_dir())
+
+    def _release_run_dir(self) -> None:
+        """At the end of a run: release the directory's lock; a run that failed before it wrote
+        anything also removes the directory it made."""
+        if self._lock is None:
+            return
+        self._lock.release()
+        self._lock = None
+        if self._created_run_dir:
+            remove_if_unused(self.run_dir)
+
     # -- setup -------------------------------------------------------------------------------
     def _resume(self, where: str) -> None:
-        if where == "latest":
-            if not self.cfg.checkpoint_dir:
-                raise ConfigError("train.resume_from=latest needs train.checkpoint_dir (the run directory) to look in.")
-            where = str(ckpt.latest_checkpoint(self.run_dir))
+        if where == "latest":  # rank 0 chooses (it verified the files), so every rank resumes the same step
+            where = broadcast_object(str(ckpt.latest_checkpoint(self.run_dir)) if self.dist.is_main else None, self.dist)
+        where = str(ckpt.resolve_checkpoint(where))  # a killed save's previous version, while recovery is pending
+        check_resumable(where, self.config, self.tokenizer)
         state, rng = ckpt.load_training_state(where)
         ckpt.load_model_and_optimizer(where, self.model, self.optimizer, sharded_model=self.mode == "fsdp")
         if state.get("scaler"):
@@ -235,8 +317,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val = state.get("best_val_loss", math.inf)
-        if not self.cfg.checkpoint_dir:
-            self.run_dir = Path(where).resolve().parent.parent
+        self.skipped_steps, self.resumed_step = state.get("skipped_steps", 0), self.step
         log.info("resumed from %s at step %d", where, self.step)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
@@ -257,8 +338,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _train_step(self, lr: float) -> tuple[float, int, float, dict]:
-        """-> (summed loss of this rank, target tokens of this rank, grad norm, summed aux metrics)."""
+    def _train_step(self, lr: float) -> tuple[float, int, float, dict, bool]:
+        """-> (summed loss of this rank, target tokens of this rank, grad norm, summed aux metrics,
+        whether the step was skipped as non-finite)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         start = self.loader.state_dict()
@@ -279,7 +361,7 @@ class Trainer:
                             smaller.micro_batch_size)
                 self.plan = smaller
 
-    def _accumulate_and_step(self) -> tuple[float, int, float, dict]:
+    def _accumulate_and_step(self) -> tuple[float, int, float, dict, bool]:
         """The loss of a step is normalised by the target tokens of all its micro-batches on all
         ranks, so any split (accumulation, ranks) gives the same update as one large batch.
         An auxiliary loss (a per-micro-batch mean) is weighted by the micro-batch's targets, so it
@@ -309,14 +391,34 @@ class Trainer:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not math.isfinite(total):
-            log.warning("step %d: non-finite loss; try a lower train.lr%s.", self.step + 1,
-                        "" if self.autocast_dtype != torch.float16 else " or amp=bf16")
+        # Every rank must agree to skip. With fp16 the loss scaler handles overflowing gradients itself.
+        bad = not math.isfinite(total) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled())
+        bad = all_reduce_max(float(bad), self.dist, self.device) > 0
+        grad_norm = grad_norm if math.isfinite(grad_norm) else None  # JSON has no NaN
         with nvtx_range("optimizer"):
-            self.scaler.step(self.optimizer)
+            if not bad:
+                self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        return total, n_local, grad_norm, aux_sums
+        return total, n_local, grad_norm, aux_sums, bad
+
+    def _count_bad_step(self, bad: bool) -> None:
+        """A step with a non-finite loss or gradient norm changes no weight; after max_bad_steps of
+        them in a row the run stops, its last checkpoint (all finite) left as the newest."""
+        if not bad:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        hint = "lower train.lr" + (" or use amp=bf16" if self.autocast_dtype == torch.float16 else "")
+        log.warning("step %d: non-finite loss or gradient norm; the step was skipped (no update). %d in a row; %s.",
+                    self.step, self.bad_steps, hint)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise TrainingError(f"stopped at step {self.step}: {self.bad_steps} steps in a row had a non-finite loss or "
+                                f"gradient norm (train.max_bad_steps={self.cfg.max_bad_steps}). The weights diverged or "
+                                f"the data holds bad values: {hint}, raise train.warmup_steps or lower train.grad_clip, "
+                                f"then resume from the last checkpoint (train.resume_from=latest) or start again. Skipped "
+                                f"steps change no weight, so every checkpoint holds finite weights.")
 
     def _objective_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, object, int]:
         """(model input, what the loss compares against, tokens the step's loss is normalised by):
@@ -357,6 +459,7 @@ class Trainer:
 
     def _trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val,
+                "skipped_steps": self.skipped_steps,
                 "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() or None,
                 "world_size": self.dist.world_size, "parallel": self.mode}
 
@@ -383,10 +486,8 @@ class Trainer:
         optim = None
         if full:
             optim = full_optimizer_state(self.model, self.optimizer, self.dist)
-        if self.dist.is_main:
-            ckpt.save_checkpoint(directory, self.model, self.tokenizer, self.config,
-                                 trainer_state=state, optimizer_state=optim, rng_state=rng)
-        barrier(self.dist)
+        on_main_rank(self.dist, lambda: ckpt.save_checkpoint(directory, self.model, self.tokenizer, self.config,
+                                                             trainer_state=state, optimizer_state=optim, rng_state=rng))
         return directory
 
     def finish_pending_save(self) -> None:
@@ -400,6 +501,7 @@ class Trainer:
             with memory_snapshot_from_env(self.dist.rank):
                 return self._fit()
         finally:
+            self._release_run_dir()
             teardown(self.dist)
 
     def _fit(self) -> dict:
@@ -417,7 +519,8 @@ class Trainer:
                      self.peak_tflops, self.peak_source)
         barrier(self.dist)
         metrics = open_loggers(cfg.loggers, self.run_dir, is_main=main, run_config=self.config.to_dict(),
-                               wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, wandb_mode=cfg.wandb_mode)
+                               wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, wandb_mode=cfg.wandb_mode,
+                               resume_step=self.resumed_step)
         bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True, mininterval=0.5)
         start, window_loss, window_n, window_tokens, window_start = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
@@ -427,22 +530,25 @@ class Trainer:
             self.train_model.train()
             while self.step < self.plan.total_steps:
                 lr = lr_at(self.step, cfg, self.plan.total_steps, self.plan.warmup_steps)
-                loss_sum, n_targets, grad_norm, aux = self._train_step(lr)
-                for key, value in aux.items():
-                    window_aux[key] = window_aux.get(key, 0.0) + value
-                window_steps += 1
+                loss_sum, n_targets, grad_norm, aux, bad = self._train_step(lr)
                 self.step += 1
                 self.tokens_seen += self.plan.tokens_per_step
-                window_loss, window_n = window_loss + loss_sum, window_n + n_targets
-                window_tokens += self.plan.tokens_per_step
                 bar.update(1)
-                if self.step % cfg.log_interval_steps == 0 or self.step == self.plan.total_steps:
+                self._count_bad_step(bad)
+                if not bad:  # a skipped step changed nothing: it stays out of the logged means
+                    for key, value in aux.items():
+                        window_aux[key] = window_aux.get(key, 0.0) + value
+                    window_steps += 1
+                    window_loss, window_n = window_loss + loss_sum, window_n + n_targets
+                window_tokens += self.plan.tokens_per_step
+                log_now = self.step % cfg.log_interval_steps == 0 or self.step == self.plan.total_steps
+                if log_now and window_steps:  # the ranks agree on skipped steps, so on window_steps
                     now = time.perf_counter()
                     loss_total, n_total = all_reduce_sum([window_loss, window_n], self.dist, self.device)
                     rec = {"kind": "train", "step": self.step, "epoch": round(self.loader.epoch, 4),
                            "tokens": self.tokens_seen, "loss": loss_total / max(1, n_total), "lr": lr,
                            "grad_norm": grad_norm, **self._throughput(window_tokens, now - window_start),
-                           "elapsed_s": now - start}
+                           "elapsed_s": now - start, "skipped_steps": self.skipped_steps}
                     if window_aux:  # per-step means, averaged over the window and the ranks
                         keys = sorted(window_aux)
                         sums = all_reduce_sum([window_aux[k] for k in keys], self.dist, self.device)
@@ -462,6 +568,10 @@ class Trainer:
             path = self.save(f"step_{self.step:07d}")
             self.finish_pending_save()
             log.warning("interrupted: saved %s (resume with train.resume_from=%s)", path, path)
+            metrics.close()
+            raise
+        except BaseException:
+            bar.close()
             metrics.close()
             raise
         bar.close()
