@@ -32,6 +32,7 @@ from bases import seconds_per_step
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import ModelConfig
 from psann.lm.eval.evaluate import evaluate_text
+from psann.lm.objectives import objective_for
 from psann.lm.models import build_model, count_parameters
 from psann.lm.models.scan import linear_scan, naive_linear_scan
 from psann.lm.train.trainer import cpu_has_native_bf16
@@ -96,7 +97,7 @@ def train_and_score(name: str, kwargs: dict, dp, val_docs: list[str], steps: int
                checkpoint_dir=out, seed=args.seed)
         train = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"train"' in line]
     train_s = train[-1]["elapsed_s"]
-    scored = evaluate_text(lm.model, lm.tokenizer, val_docs, lm.model_config.max_seq_len, 16, torch.device("cpu"),
+    scored = evaluate_text(lm.model, lm.tokenizer, val_docs, objective_for(lm.model_config), 16, torch.device("cpu"),
                            samples=8, sample_bytes=128, seed=args.seed)
     result = {"model": name, "params": count_parameters(lm.model), "steps": steps,
               "tokens": lm.last_run["tokens_seen"], "train_s": round(train_s, 1),

@@ -22,8 +22,8 @@ import torch
 from _common import cpu_name
 
 from psann.lm.config import GenerateConfig, ModelConfig
-from psann.lm.infer.diffusion import DiffusionSampleStats, diffusion_generate
-from psann.lm.infer.generate import generate_tokens
+from psann.lm.objectives.diffusion import DiffusionSampleStats, diffusion_generate
+from psann.lm.objectives.causal import generate_tokens
 from psann.lm.models import build_model, count_parameters
 
 

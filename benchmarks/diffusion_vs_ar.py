@@ -33,7 +33,8 @@ from _common import add_small_lm_args, add_tinystories_args, cpu_name, require_i
 from bases import seconds_per_step
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import ModelConfig
-from psann.lm.eval.evaluate import evaluate_counts, evaluate_nelbo
+from psann.lm.objectives.causal import evaluate_counts
+from psann.lm.objectives.diffusion import evaluate_nelbo
 from psann.lm.models import count_parameters
 from psann.lm.train.trainer import cpu_has_native_bf16
 
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
         device = torch.device("cpu")
         if objective == "causal":
             counts = evaluate_counts(lm.model, dp.val_windows, 16, device)
-            total, n, se = counts["loss_sum"], counts["targets"], 0.0
+            total, n, se = counts["loss_sum"], counts["tokens"], 0.0
         else:
             r = evaluate_nelbo(lm.model, dp.val_windows, 16, device, mask_id=lm.model_config.mask_token_id,
                                draws=args.mc_draws, seed=args.seed, pad_id=dp.tokenizer.pad_id)

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     import transformers
 
     from psann.lm.config import GenerateConfig, ModelConfig
-    from psann.lm.infer.generate import generate_tokens
+    from psann.lm.objectives.causal import generate_tokens
     from psann.lm.models import build_model, count_parameters
     from psann.lm.models.hf_interop import to_hf_llama
 

@@ -29,7 +29,7 @@ from psann.lm.objectives import causal_lm_loss_sum
 from psann.lm.train.distributed import DistInfo
 from psann.lm.train.optim import build_optimizer
 from psann.lm.train.parallel import parallelize
-from psann.lm.train.throughput import flops_per_token, peak_tflops
+from psann.lm.train.throughput import peak_tflops
 
 SMALL = dict(d_model=768, n_layers=12, n_heads=12, vocab_size=50304, max_seq_len=1024)
 
@@ -66,7 +66,7 @@ def train_steps(base: str, batch_tokens: int, steps: int, *, dtype: torch.dtype 
     step_s = sorted(times[3:])[len(times[3:]) // 2] if steps > 3 else times[-1]
     tok_s = batch * T / step_s
     peak, source = peak_tflops(device, dtype)
-    fpt = flops_per_token(model, cfg, T)
+    fpt = model.flops_per_token(T)
     return {"base": base, "batch_tokens": batch * T, "dtype": str(dtype or torch.float32).replace("torch.", ""),
             "compile": compile_, "grad_checkpoint": grad_checkpoint, "parameters": count_parameters(model),
             "median_step_s": step_s, "tokens_per_s": tok_s, "tflops": tok_s * fpt / 1e12,

@@ -79,15 +79,15 @@ def test_generate_batch_rows_equal_single_prompts(trained):
 def test_prompt_is_encoded_with_bos_only(trained, monkeypatch):
     lm, _ = trained
     seen = {}
-    import psann.lm.api as api
+    import psann.lm.objectives.causal as causal
 
-    real = api.generate_tokens
+    real = causal.generate_tokens
 
     def spy(model, prompts, *args, **kwargs):
         seen["ids"] = prompts[0]
         return real(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(api, "generate_tokens", spy)
+    monkeypatch.setattr(causal, "generate_tokens", spy)
     lm.generate("little", max_new_tokens=1)
     tok = lm.tokenizer
     assert seen["ids"] == [tok.bos_id, *tok.encode("little")] and tok.eos_id not in seen["ids"]

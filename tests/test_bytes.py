@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import ModelConfig, gated_mlp_hidden, load_config
 from psann.lm.errors import ConfigError
-from psann.lm.models import build_model, count_parameters
+from psann.lm.models import build_model, check_model_config, count_parameters
 from psann.lm.models.hgrn_bit import BitLinear, quantize_activations, quantize_weights
 from psann.lm.models.hnet import chunk, dechunk, ratio_loss
 from psann.lm.models.scan import linear_scan, naive_linear_scan
@@ -260,7 +260,7 @@ def test_the_issue_config_loads_as_json_and_yaml(tmp_path):
 ])
 def test_bad_byte_configs_name_the_key_and_the_fix(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        ModelConfig(**kwargs)
+        check_model_config(ModelConfig(**kwargs))
 
 
 def test_byte_bases_refuse_a_subword_tokenizer():

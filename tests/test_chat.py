@@ -213,7 +213,7 @@ def test_train_cli_fine_tunes_a_checkpoint_on_conversations(chat_model, tmp_path
 def test_init_from_takes_keys_the_config_names_and_the_checkpoint_context(chat_model, tmp_path):
     from psann.lm.config import load_config
     from psann.lm.train.checkpoint import read_checkpoint_config
-    from psann.lm.train.cli import resolve_run_config
+    from psann.lm.train.run import resolve_run_config
 
     _, ckpt, _ = chat_model
     base = [f"--train.init_from={ckpt}", f"--train.checkpoint_dir={tmp_path}"]

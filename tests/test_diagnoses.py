@@ -16,6 +16,7 @@ from psann.lm.data.loader import TokenWindows
 from psann.lm.data.tokens import TokenCorpus
 from psann.lm.errors import DataError
 from psann.lm.eval.evaluate import evaluate_loss, evaluate_text, utf8_validity
+from psann.lm.objectives import objective_for
 from psann.lm.eval.mc import score_rows
 from psann.lm.infer.chat import ChatSession, chat_loop
 from psann.lm.models import build_model
@@ -79,7 +80,7 @@ def test_python_evaluation_of_nothing_raises(ckpt):
     model, tok, config = load_checkpoint(ckpt, "cpu")
     for docs in ([], ["", "  \n"]):
         with pytest.raises(DataError, match="no text to score"):
-            evaluate_text(model, tok, docs, 32, 4, torch.device("cpu"))
+            evaluate_text(model, tok, docs, objective_for(config.model), 4, torch.device("cpu"))
     empty = TokenWindows(TokenCorpus(np.zeros(0, np.int64), np.zeros(1, np.int64)), 32, True, tok.pad_id)
     with pytest.raises(DataError, match="no text to score"):
         evaluate_loss(model, empty, 4, torch.device("cpu"))

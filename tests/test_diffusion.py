@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import GenerateConfig, ModelConfig, load_config
 from psann.lm.errors import ConfigError
-from psann.lm.eval.evaluate import evaluate_nelbo
-from psann.lm.infer.diffusion import DiffusionSampleStats, commit_plan, diffusion_generate
-from psann.lm.models import build_model
-from psann.lm.objectives import diffusion_batch, diffusion_loss_sum, sample_noise_levels
+from psann.lm.objectives.diffusion import evaluate_nelbo
+from psann.lm.objectives.diffusion import DiffusionSampleStats, commit_plan, diffusion_generate
+from psann.lm.models import build_model, check_model_config
+from psann.lm.objectives.diffusion import diffusion_batch, diffusion_loss_sum, sample_noise_levels
 
 MASK = 9
 
@@ -67,7 +67,7 @@ def test_loss_equals_a_hand_computation():
 
 
 def test_epsilon_keeps_the_weights_bounded(monkeypatch):
-    import psann.lm.objectives as objectives
+    import psann.lm.objectives.diffusion as objectives
 
     monkeypatch.setattr(objectives, "sample_noise_levels", lambda n, mode, generator=None: torch.zeros(n))
     batch = diffusion_batch(torch.ones(8, 16, dtype=torch.long), mask_id=MASK, eps=1e-3)
@@ -290,7 +290,7 @@ def test_sampler_options_belong_to_their_objective(dp, tmp_path):
     with pytest.raises(ConfigError, match="only applies to objective 'diffusion'"):
         ModelConfig(noise_epsilon=0.1)
     with pytest.raises(ConfigError, match="H-Net"):
-        ModelConfig(base="hnet", d_model=[16, 32], num_blocks=[[1, 0, 1], [1]], objective="diffusion")
+        check_model_config(ModelConfig(base="hnet", d_model=[16, 32], num_blocks=[[1, 0, 1], [1]], objective="diffusion"))
     GenerateConfig(steps=4).check_objective("diffusion")
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from psann.lm.config import GenerateConfig
-from psann.lm.infer.generate import generate_tokens
-from psann.lm.infer.sampling import apply_repetition_penalty, choose_next, top_k_filter, top_p_filter
+from psann.lm.objectives.causal import generate_tokens
+from psann.lm.objectives.causal import apply_repetition_penalty, choose_next, top_k_filter, top_p_filter
 from psann.lm.models import build_model
 
 from conftest import tiny_config

@@ -14,7 +14,7 @@ from psann.lm.errors import ConfigError
 from psann.lm.eval.loglik import encode_pair
 from psann.lm.eval.mc import score_rows
 from psann.lm.eval.tasks import offline_env, read_jsonl, write_task_dir
-from psann.lm.infer.generate import generate_tokens
+from psann.lm.objectives.causal import generate_tokens
 from test_eval_mc import MC_ROWS, direct_logprob, save_tiny_checkpoint, write_mc
 from test_eval_mc import one_thread  # noqa: F401  (its autouse fixture applies here too)
 

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from psann.lm.config import GenerateConfig, ModelConfig  # noqa: E402
 from psann.lm.errors import ConfigError  # noqa: E402
-from psann.lm.infer.generate import generate_tokens  # noqa: E402
+from psann.lm.objectives.causal import generate_tokens  # noqa: E402
 from psann.lm.models import build_model  # noqa: E402
 from psann.lm.models.hf_interop import (  # noqa: E402
     export_hf,

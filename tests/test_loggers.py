@@ -11,7 +11,8 @@ import pytest
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import TrainConfig, load_config
 from psann.lm.errors import ConfigError
-from psann.lm.report.loggers import LOGGERS, CsvLogger, TensorBoardLogger, open_loggers
+from psann.lm.config import LOGGERS
+from psann.lm.train.loggers import CsvLogger, TensorBoardLogger, open_loggers
 
 TRAIN = {"kind": "train", "step": 10, "epoch": 0.5, "tokens": 1280, "loss": 2.5, "lr": 3e-4, "mfu": None,
          "tok_per_s": 12345.6}

@@ -17,7 +17,7 @@ from psann.cli import main
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.errors import DataError
 from psann.lm.report.html import load_inputs, render_report
-from psann.lm.report.metrics import summarize_metrics
+from psann.lm.train.metrics import summarize_metrics
 
 HOSTILE = '<script>alert("x") & \'run\''  # a directory name: no slash
 TINY_SUITE = ["--scale", "cpu", "--device", "cpu", "--corpus-bytes", "60000", "--d-model", "32", "--n-layers", "1",

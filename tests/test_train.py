@@ -14,7 +14,8 @@ from psann.lm.errors import CheckpointError, ConfigError
 from psann.lm.models import build_model
 from psann.lm.train import checkpoint as ckpt
 from psann.lm.train.optim import lr_at
-from psann.lm.train.trainer import Trainer, plan_batches
+from psann.lm.train.plan import plan_batches
+from psann.lm.train.trainer import Trainer
 
 TEXT = [f"the {a} {b} sat on the {c} mat number {i}." for i, (a, b, c) in
         enumerate([("red", "cat", "blue"), ("big", "dog", "green"), ("old", "owl", "soft")] * 30)]

@@ -22,7 +22,7 @@ from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import TrainConfig, load_config
 from psann.lm.errors import BusyError, ConfigError, TrainingError
 from psann.lm.train import checkpoint as ckpt
-from psann.lm.train import trainer as trainer_module
+from psann.lm.objectives.causal import CausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = [f"the {a} {b} sat on the {c} mat number {i}." for i, (a, b, c) in
@@ -59,15 +59,15 @@ def test_nan_and_inf_in_a_float_config_value_name_the_key(key, value):
 
 def _poison_losses(monkeypatch, bad_steps):
     """The loss of the steps in `bad_steps` (1-based; a callable or a set) comes out NaN."""
-    real, calls = trainer_module.causal_lm_loss_sum, {"n": 0}
+    real, calls = CausalLM.loss_sum, {"n": 0}
     is_bad = bad_steps if callable(bad_steps) else bad_steps.__contains__
 
-    def loss_sum(logits, y, smoothing=0.0):
+    def loss_sum(self, logits, y, smoothing=0.0):
         calls["n"] += 1  # one micro-batch per step here
-        total, n = real(logits, y, smoothing)
-        return (total * math.nan if is_bad(calls["n"]) else total), n
+        total = real(self, logits, y, smoothing)
+        return total * math.nan if is_bad(calls["n"]) else total
 
-    monkeypatch.setattr(trainer_module, "causal_lm_loss_sum", loss_sum)
+    monkeypatch.setattr(CausalLM, "loss_sum", loss_sum)
 
 
 def test_a_non_finite_step_is_skipped_and_counted(dp, tmp_path, monkeypatch):
@@ -250,7 +250,7 @@ def test_resume_latest_from_the_command_line_after_a_kill_mid_swap(tmp_path):
 
 
 def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tmp_path):
-    from psann.lm.report.loggers import JsonlLogger
+    from psann.lm.train.loggers import JsonlLogger
 
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "tr')
     logger = JsonlLogger(tmp_path, resume_step=2)

@@ -8,19 +8,21 @@ import json
 import sys
 from pathlib import Path
 
+from psann import __version__
+from psann.lm.data.cli import add_parser as add_data_parser
+from psann.lm.data.cli import run as run_data
+from psann.lm.data.text import read_text_file, split_documents
+from psann.lm.errors import ConfigError, DataError, PsannError, at_least
+from psann.lm.infer.chat import ChatSession, chat_loop
+from psann.lm.report.html import add_parser as add_report_parser
+from psann.lm.report.html import run as run_report
+from psann.lm.report.suite import add_parser as add_bench_parser
+from psann.lm.report.suite import run as run_bench
+from psann.lm.tokenizers.cli import add_parser as add_tokenizer_parser
+from psann.lm.tokenizers.cli import run as run_tokenizer
 
-def at_least(minimum: int):
-    """An argparse type: an integer >= `minimum`, so a bad count is a usage error naming its flag."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
+# The commands that run a model import it (and torch) in their function, so that `psannlm tokenizer`,
+# `data`, `report` and --help start torch-free.
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
@@ -40,8 +42,6 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generation_options(args) -> dict:
-    from psann.lm.errors import ConfigError
-
     if "" in (args.stop or []):
         raise ConfigError("--stop '' would end every reply before it starts; give a non-empty stop string.")
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "steps",
@@ -52,8 +52,6 @@ def _generation_options(args) -> dict:
 @contextlib.contextmanager
 def _flag_names(options: dict):
     """Errors about generation settings name the flags the user typed (--top-k), not the config keys (generate.top_k)."""
-    from psann.lm.errors import ConfigError
-
     try:
         yield
     except ConfigError as exc:
@@ -64,8 +62,7 @@ def _flag_names(options: dict):
 
 
 def cmd_chat(args) -> int:
-    from psann.lm import psannLM
-    from psann.lm.infer.chat import ChatSession, chat_loop
+    from psann.lm import psannLM  # lazy: torch
 
     options = _generation_options(args)
     lm = psannLM.load(args.ckpt, device=args.device)
@@ -80,8 +77,6 @@ def cmd_chat(args) -> int:
 def read_prompt_file(path: str) -> list[str]:
     """The non-blank lines of --prompt-file. Unlike training text, prompts are not read with
     replacement: a prompt of U+FFFD characters would only sample noise, so bad bytes are an error."""
-    from psann.lm.errors import DataError
-
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
@@ -99,8 +94,7 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from psann.lm import psannLM
-    from psann.lm.errors import ConfigError
+    from psann.lm import psannLM  # lazy: torch
 
     if args.interactive:
         if args.prompt or args.prompt_file:
@@ -134,9 +128,6 @@ def read_eval_data(paths: list[str]) -> list[str]:
     """The text of each --data file, checked before any checkpoint loads. Invalid UTF-8 is replaced
     with a warning, as training does; an empty file is an error, since scoring nothing would report a
     perfect perplexity of 1."""
-    from psann.lm.data.text import read_text_file
-    from psann.lm.errors import DataError
-
     texts = []
     for path in paths:
         if not Path(path).exists():  # --data is always a file, never literal text to score
@@ -149,11 +140,11 @@ def read_eval_data(paths: list[str]) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    import torch
+    import torch  # lazy: torch and the modules that need it
 
-    from psann.lm.data.text import split_documents
     from psann.lm.eval.evaluate import evaluate_text
     from psann.lm.models import count_parameters
+    from psann.lm.objectives import objective_for
     from psann.lm.train.checkpoint import load_checkpoint
 
     texts = read_eval_data(args.data)
@@ -161,10 +152,9 @@ def cmd_eval(args) -> int:
     for ckpt in args.ckpt:  # the seed's compare_checkpoints: several checkpoints, one table
         model, tok, config = load_checkpoint(ckpt, args.device)
         docs = [d for text in texts for d in split_documents(text, config.data.doc_separator)]
-        diffusion = config.model.objective == "diffusion"
-        metrics = evaluate_text(model, tok, docs, config.model.max_seq_len, args.batch_size, torch.device(args.device),
+        metrics = evaluate_text(model, tok, docs, objective_for(config.model), args.batch_size, torch.device(args.device),
                                 samples=args.samples, sample_bytes=args.sample_bytes, seed=args.seed,
-                                mask_id=config.model.mask_token_id if diffusion else None, mc_draws=args.mc_draws)
+                                mc_draws=args.mc_draws)
         results.append({"ckpt": ckpt, "base": config.model.base, "objective": config.model.objective, "tokenizer": tok.kind,
                         "params": count_parameters(model), "data": args.data, **metrics})
     if args.json:
@@ -186,25 +176,25 @@ def cmd_eval(args) -> int:
 def cmd_eval_form(form: str, argv: list[str]) -> int:
     """`psannlm eval harness ...` (lm-eval) and `psannlm eval mc ...`: sub-forms with their own options."""
     if form == "mc":
-        from psann.lm.eval.mc import main as run
+        from psann.lm.eval.mc import main as run  # lazy: torch
     else:
         try:
-            from psann.lm.eval.harness import main as run
-        except ImportError as exc:  # lm-eval is an optional extra
+            from psann.lm.eval.harness import main as run  # lazy: torch, and lm-eval (an optional extra)
+        except ImportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return run(argv, prog=f"psannlm eval {form}")
 
 
 def cmd_train(args, extra) -> int:
-    from psann.lm.train.cli import main as train_main
+    from psann.lm.train.cli import main as train_main  # lazy: torch
 
     argv = (["--config", args.config] if args.config else []) + (["--print-config"] if args.print_config else []) + extra
     return train_main(argv, prog="psannlm train")
 
 
 def cmd_demo(args, extra) -> int:
-    from psann.lm.demo import run_demo
+    from psann.lm.demo import run_demo  # lazy: torch
 
     return run_demo(out=args.out, corpus_bytes=args.corpus_bytes, overrides=extra, print_config=args.print_config,
                     chat_steps=args.chat_steps)
@@ -221,8 +211,6 @@ def command_parsers(parser: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from psann import __version__
-
     parser = argparse.ArgumentParser(prog="psannlm", description="psann-lm: train, sample and evaluate small language models.")
     parser.add_argument("--version", action="version", version=f"psann-lm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,18 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling and masking seed")
     p.add_argument("--mc-draws", type=at_least(1), default=16, help="diffusion models: Monte-Carlo draws per sequence of the NELBO")
     p.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several checkpoints)")
-
-    from psann.lm.tokenizers.cli import add_parser as add_tokenizer_parser
-
     add_tokenizer_parser(sub)
-
-    from psann.lm.data.cli import add_parser as add_data_parser
-
     add_data_parser(sub)
-
-    from psann.lm.report.html import add_parser as add_report_parser
-    from psann.lm.report.suite import add_parser as add_bench_parser
-
     add_bench_parser(sub)
     add_report_parser(sub)
     for _, p in command_parsers(parser):  # every command (and sub-command) can show what it would run with
@@ -288,8 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from psann.lm.errors import PsannError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"] and argv[1:2] in (["harness"], ["mc"]):  # before argparse: `eval` alone needs --ckpt/--data
         try:
@@ -308,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         if getattr(args, "device", None) is not None:  # resolved before anything loads, so errors name --device
-            from psann.lm.train.trainer import resolve_device
+            from psann.lm.train.trainer import resolve_device  # lazy: torch
 
             args.device = str(resolve_device(args.device, "--device"))
         if args.command == "train":
@@ -316,23 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args, extra)
         if args.command == "bench":  # prints its settings resolved from the scale presets
-            from psann.lm.report.suite import run as run_bench
-
             return run_bench(args)
         if args.command == "tokenizer":  # resolves its own options (the special tokens a vocabulary holds)
-            from psann.lm.tokenizers.cli import run as run_tokenizer
-
             return run_tokenizer(args)
         if args.print_config and args.command not in ("generate", "chat"):  # these resolve against the checkpoint
             print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
             return 0
         if args.command == "data":
-            from psann.lm.data.cli import run as run_data
-
             return run_data(args)
         if args.command == "report":
-            from psann.lm.report.html import run as run_report
-
             return run_report(args)
         return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[args.command](args)
     except PsannError as exc:

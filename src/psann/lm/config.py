@@ -1,9 +1,10 @@
 """Configuration: four small dataclasses, loaded from YAML/TOML/JSON, overridden from the command line.
 
-Every field carries its help text, valid choices and range in `metadata`; the same metadata drives
-validation (on construction, whatever the source), `--section.key=value` parsing and the config
-reference in the README. Plain dataclasses + difflib suggestions keep this dependency-free and let
-the configs double as keyword arguments of the Python API.
+Every field carries its help text, valid choices, range and where it applies (`only`) in `metadata`;
+the same metadata drives validation (on construction, whatever the source), `--section.key=value`
+parsing and the config reference in the README. Plain dataclasses + difflib suggestions keep this
+dependency-free and let the configs double as keyword arguments of the Python API. Checks that need
+a model family's code (e.g. H-Net's stage structure) are models.check_model_config's.
 """
 
 from __future__ import annotations
@@ -20,13 +21,33 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError, did_you_mean
-from .report.loggers import WANDB_MODES, check_logger_names
-from .tokenizers import TOKENIZER_KINDS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# Choices whose code lives higher up (tokenizers, report.loggers), here so that config imports nothing above it.
+TOKENIZER_KINDS: tuple[str, ...] = ("auto", "byte", "char", "simple", "bpe", "sentencepiece", "tokenizers")
+LOGGERS = ("console", "jsonl", "csv", "tensorboard", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_logger_names(names: typing.Iterable[str]) -> None:
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"'train.loggers' has unknown logger {name!r}.{did_you_mean(name, LOGGERS)} "
+                              f"Choices: {', '.join(LOGGERS)}.")
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, min_exclusive: bool = False, factory: Any = None):
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+         max: float | None = None, min_exclusive: bool = False, factory: Any = None,
+         only: dict[str, tuple] | None = None, only_label: str | None = None, sets: dict | None = None):
+    """A field with its metadata. only={key: values}: the field applies only where `key` (of its own
+    section, or given to `misplaced`) has one of `values`; set elsewhere it is an error, naming
+    `only_label` (default: "key 'value'"). sets={value: {key: v}}: this value sets those keys."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+            "only": only or {}, "only_label": only_label, "sets": sets or {}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,6 +65,16 @@ class _Validated:
             value = _coerce(getattr(self, f.name), hints[f.name], key)
             _check_range(value, f.metadata, key)
             object.__setattr__(self, f.name, value)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for f, name in self.misplaced(**values):
+            allowed = f.metadata["only"][name]
+            what = f.metadata["only_label"] or f"{name} {' or '.join(map(repr, allowed))}"
+            raise ConfigError(f"'{self.section}.{f.name}' only applies to {what} ({name} is {values[name]!r}); "
+                              f"remove it or set {self.section}.{name}={allowed[0]}.")
+        for f in dataclasses.fields(self):
+            if f.metadata["sets"]:  # e.g. objective diffusion sets causal false: a denoiser sees the whole sequence
+                for key, value in f.metadata["sets"].get(values[f.name], {}).items():
+                    object.__setattr__(self, key, value)
         self.check()
 
     def check(self) -> None:
@@ -61,6 +92,12 @@ class _Validated:
         be given where they do not apply)."""
         defaults = self.defaults()
         return [k for k in keys if getattr(self, k) != defaults[k]]
+
+    def misplaced(self, **context: Any) -> list[tuple[dataclasses.Field, str]]:
+        """(field, key) of each field set away from its default although its `only` metadata says it
+        does not apply at context[key] (e.g. a wave_* key when base is not waveresnet)."""
+        return [(f, key) for f in dataclasses.fields(self) for key, values in f.metadata["only"].items()
+                if key in context and context[key] not in values and self.changed([f.name])]
 
     @classmethod
     def check_keys(cls, keys: typing.Iterable[str]) -> None:
@@ -191,10 +228,6 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"'{key}' must be <= {hi}, got {value}.")
 
 
-# Model keys that only base hnet takes.
-HNET_ONLY = ("num_blocks", "target_compression", "ratio_loss_weight", "stage_lr_mult")
-
-
 @dataclass
 class ModelConfig(_Validated):
     section: typing.ClassVar[str] = "model"
@@ -214,35 +247,29 @@ class ModelConfig(_Validated):
     dropout: float = _opt(0.0, "Dropout on attention weights and residual branches during training.", min=0.0, max=1.0)
     init_std: float = _opt(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
     causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention (objective diffusion sets it false).")
-    objective: str = _opt("causal", "causal: next-token prediction; diffusion: a masked diffusion LM (bidirectional attention, a mask token after the tokenizer's ids, block-diffusion sampling).", choices=("causal", "diffusion"))
-    mask_token_id: int | None = _opt(None, "diffusion only: id of the mask token (default: the tokenizer's vocabulary size, i.e. one id appended after it).", min=0)
-    noise_epsilon: float = _opt(1e-3, "diffusion only: masking probability p = (1 - eps) t + eps, so no sequence goes unmasked and 1/p stays <= 1/eps.", min=0.0, max=1.0, min_exclusive=True)
-    random_trunc_prob: float = _opt(0.01, "diffusion only: probability that a training batch is cut to a random length in [1, max_length].", min=0.0, max=1.0)
-    t_sampling: str = _opt("stratified", "diffusion only: how the batch's noise levels t are drawn: uniform (independent), stratified ((i + u) / B), antithetic (t and 1 - t pairs).", choices=("uniform", "stratified", "antithetic"))
+    objective: str = _opt("causal", "causal: next-token prediction; diffusion: a masked diffusion LM (bidirectional attention, a mask token after the tokenizer's ids, block-diffusion sampling).", choices=("causal", "diffusion"), sets={"diffusion": {"causal": False}})
+    mask_token_id: int | None = _opt(None, "diffusion only: id of the mask token (default: the tokenizer's vocabulary size, i.e. one id appended after it).", min=0, only={"objective": ("diffusion",)})
+    noise_epsilon: float = _opt(1e-3, "diffusion only: masking probability p = (1 - eps) t + eps, so no sequence goes unmasked and 1/p stays <= 1/eps.", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("diffusion",)})
+    random_trunc_prob: float = _opt(0.01, "diffusion only: probability that a training batch is cut to a random length in [1, max_length].", min=0.0, max=1.0, only={"objective": ("diffusion",)})
+    t_sampling: str = _opt("stratified", "diffusion only: how the batch's noise levels t are drawn: uniform (independent), stratified ((i + u) / B), antithetic (t and 1 - t pairs).", choices=("uniform", "stratified", "antithetic"), only={"objective": ("diffusion",)})
     sine_params: dict[str, Any] | None = _opt(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
-    layer_type: str = _opt("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"))
-    expand_ratio: int = _opt(1, "hgrn_bit only: width of the recurrence = expand_ratio * d_model.", min=1)
-    num_blocks: list[list[int]] | None = _opt(None, "hnet only: blocks per stage, outer to inner: [encoder, 0, decoder] for each chunking stage, then [main] (e.g. [[3, 0, 3], [6]]).")
-    target_compression: list[float] | None = _opt(None, "hnet only: target bytes per chunk at each chunking stage (default 6 for one stage, 3 per stage for more).")
-    ratio_loss_weight: float = _opt(0.03, "hnet only: weight of the ratio loss that steers each stage to its target compression.", min=0.0)
-    stage_lr_mult: list[float] | None = _opt(None, "hnet only: learning-rate multiplier per stage, outer to inner (default 1 each; the H-Net recipe uses larger ones outside).")
-    wave_mode: str = _opt("interleave", "waveresnet only: wave blocks after the MLP (interleave), instead of it (replace), or none (off).", choices=("interleave", "replace", "off"))
-    wave_kernel_size: int = _opt(3, "waveresnet only: kernel of the causal depthwise convolution over time.", min=1)
-    wave_dilation_growth: int = _opt(2, "waveresnet only: dilation of layer i is growth ** (i % cycle).", min=1)
-    wave_dilation_cycle: int = _opt(4, "waveresnet only: layers after which the dilation starts again at 1.", min=1)
+    layer_type: str = _opt("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"),
+                           only={"base": ("byte", "hnet")}, only_label="the byte-level bases byte and hnet")
+    expand_ratio: int = _opt(1, "hgrn_bit only: width of the recurrence = expand_ratio * d_model.", min=1, only={"layer_type": ("hgrn_bit",)})
+    num_blocks: list[list[int]] | None = _opt(None, "hnet only: blocks per stage, outer to inner: [encoder, 0, decoder] for each chunking stage, then [main] (e.g. [[3, 0, 3], [6]]).", only={"base": ("hnet",)})
+    target_compression: list[float] | None = _opt(None, "hnet only: target bytes per chunk at each chunking stage (default 6 for one stage, 3 per stage for more).", only={"base": ("hnet",)})
+    ratio_loss_weight: float = _opt(0.03, "hnet only: weight of the ratio loss that steers each stage to its target compression.", min=0.0, only={"base": ("hnet",)})
+    stage_lr_mult: list[float] | None = _opt(None, "hnet only: learning-rate multiplier per stage, outer to inner (default 1 each; the H-Net recipe uses larger ones outside).", only={"base": ("hnet",)})
+    wave_mode: str = _opt("interleave", "waveresnet only: wave blocks after the MLP (interleave), instead of it (replace), or none (off).", choices=("interleave", "replace", "off"), only={"base": ("waveresnet",)})
+    wave_kernel_size: int = _opt(3, "waveresnet only: kernel of the causal depthwise convolution over time.", min=1, only={"base": ("waveresnet",)})
+    wave_dilation_growth: int = _opt(2, "waveresnet only: dilation of layer i is growth ** (i % cycle).", min=1, only={"base": ("waveresnet",)})
+    wave_dilation_cycle: int = _opt(4, "waveresnet only: layers after which the dilation starts again at 1.", min=1, only={"base": ("waveresnet",)})
 
     def check(self) -> None:
         if self.sine_params is not None:
-            from psann.sine import SineConfig
+            from psann.sine import SineConfig  # lazy: psann.sine imports torch; config stays torch-free
 
             SineConfig.from_dict(self.sine_params)  # validate every key now, whatever the source
-        if self.base != "waveresnet":
-            changed = self.changed(k for k in self.defaults() if k.startswith("wave_"))
-            if changed:
-                raise ConfigError(f"'model.{changed[0]}' only applies to base 'waveresnet' (base is '{self.base}'); "
-                                  "remove it or set model.base=waveresnet.")
-        self._check_byte_options()
-        self._check_diffusion_options()
         for width in self.widths:
             if width < 1:
                 raise ConfigError(f"'model.d_model' widths must be >= 1, got {self.d_model}.")
@@ -252,58 +279,6 @@ class ModelConfig(_Validated):
                 raise ConfigError(f"RoPE needs an even head size; d_model/n_heads = {width // self.n_heads}. Change d_model or n_heads.")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"'model.n_heads' ({self.n_heads}) must be divisible by 'model.n_kv_heads' ({self.n_kv_heads}).")
-
-    def _check_byte_options(self) -> None:
-        if self.base != "hnet":
-            changed = self.changed(HNET_ONLY)
-            if changed:
-                raise ConfigError(f"'model.{changed[0]}' only applies to base 'hnet' (base is '{self.base}'); "
-                                  "remove it or set model.base=hnet.")
-            if isinstance(self.d_model, list):
-                raise ConfigError(f"'model.d_model' is a list ({self.d_model}): one width per stage is for base 'hnet'; "
-                                  f"base '{self.base}' takes one integer.")
-        if self.base not in ("byte", "hnet") and self.layer_type != "transformer":
-            raise ConfigError(f"'model.layer_type={self.layer_type}' is for the byte-level bases byte and hnet "
-                              f"(base is '{self.base}').")
-        if self.layer_type != "hgrn_bit" and self.changed(["expand_ratio"]):
-            raise ConfigError("'model.expand_ratio' only applies to layer_type hgrn_bit; remove it or set model.layer_type=hgrn_bit.")
-        if self.base != "hnet":
-            return
-        widths, blocks = self.widths, self.num_blocks
-        if blocks is None or len(widths) != len(blocks) or len(widths) < 2:
-            raise ConfigError("base 'hnet' needs model.d_model as a list of stage widths and model.num_blocks with one "
-                              "entry per width, at least two: e.g. d_model: [384, 512], num_blocks: [[3, 0, 3], [6]].")
-        for i, stage in enumerate(blocks[:-1]):
-            if len(stage) != 3 or stage[1] != 0 or min(stage) < 0:
-                raise ConfigError(f"'model.num_blocks[{i}]' must be [encoder, 0, decoder] (the middle is the inner stage), got {stage}.")
-        if len(blocks[-1]) != 1 or blocks[-1][0] < 1:
-            raise ConfigError(f"'model.num_blocks[-1]' is the innermost stage: [main blocks], got {blocks[-1]}.")
-        if any(b < a for a, b in zip(widths, widths[1:])):
-            raise ConfigError(f"'model.d_model' stage widths must not shrink towards the inside, got {widths}.")
-        if self.changed(["n_layers"]):
-            raise ConfigError("base 'hnet' takes its depth from model.num_blocks; remove model.n_layers.")
-        levels = len(widths) - 1
-        for key, n in (("target_compression", levels), ("stage_lr_mult", len(widths))):
-            value = getattr(self, key)
-            if value is not None and len(value) != n:
-                raise ConfigError(f"'model.{key}' needs {n} value(s) for {len(widths)} stages, got {value}.")
-        if self.target_compression is not None and min(self.target_compression) <= 1:
-            raise ConfigError(f"'model.target_compression' values must be > 1 (bytes per chunk), got {self.target_compression}.")
-
-    def _check_diffusion_options(self) -> None:
-        if self.objective == "diffusion":
-            if self.base == "hnet":
-                raise ConfigError("objective diffusion needs bidirectional attention over all positions; H-Net's "
-                                  "chunking is causal. Use base transformer, respsann, waveresnet or byte.")
-            if self.layer_type == "hgrn_bit":
-                raise ConfigError("objective diffusion needs bidirectional layers; hgrn_bit is a causal recurrence. "
-                                  "Use layer_type transformer.")
-            object.__setattr__(self, "causal", False)  # a denoiser sees the whole sequence
-            return
-        changed = self.changed(("mask_token_id", "noise_epsilon", "random_trunc_prob", "t_sampling"))
-        if changed:
-            raise ConfigError(f"'model.{changed[0]}' only applies to objective 'diffusion'; remove it or set "
-                              "model.objective=diffusion.")
 
     @property
     def widths(self) -> list[int]:
@@ -441,19 +416,16 @@ class GenerateConfig(_Validated):
     section: typing.ClassVar[str] = "generate"
     max_new_tokens: int = _opt(64, "Tokens to generate after the prompt.", min=0)
     temperature: float = _opt(1.0, "Sampling temperature (0 = greedy).", min=0.0)
-    top_k: int | None = _opt(None, "Keep only the k most likely tokens.", min=1)
-    top_p: float = _opt(1.0, "Nucleus sampling: keep the smallest set whose probability reaches p (1 disables).", min=0.0, max=1.0, min_exclusive=True)
-    repetition_penalty: float = _opt(1.0, "CTRL penalty for tokens already present (>1 discourages repeats).", min=0.0, min_exclusive=True)
+    top_k: int | None = _opt(None, "Keep only the k most likely tokens.", min=1, only={"objective": ("causal",)})
+    top_p: float = _opt(1.0, "Nucleus sampling: keep the smallest set whose probability reaches p (1 disables).", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("causal",)})
+    repetition_penalty: float = _opt(1.0, "CTRL penalty for tokens already present (>1 discourages repeats).", min=0.0, min_exclusive=True, only={"objective": ("causal",)})
     stop: list[str] = _opt(None, "Stop when any of these strings appears in the generated text.", factory=list)
     seed: int | None = _opt(None, "Sampling seed (default: nondeterministic).")
-    steps: int | None = _opt(None, "diffusion models: denoising steps in all (default: max_new_tokens, one token per step).", min=1)
-    block_length: int | None = _opt(None, "diffusion models: tokens per semi-autoregressive block; must divide max_new_tokens (default: one block).", min=1)
-    remasking: str = _opt("low_confidence", "diffusion models: which masked positions a step commits: low_confidence (most probable first) or random.", choices=("low_confidence", "random"))
-    cfg_scale: float = _opt(0.0, "diffusion models: classifier-free guidance scale w (logits = u + (w + 1)(c - u), prompt masked for u); 0 is off.", min=0.0)
-    suppress_eos: bool = _opt(False, "diffusion models: never sample EOS (fills all max_new_tokens).")
-
-    CAUSAL_ONLY: typing.ClassVar[tuple] = ("top_k", "top_p", "repetition_penalty")
-    DIFFUSION_ONLY: typing.ClassVar[tuple] = ("steps", "block_length", "remasking", "cfg_scale", "suppress_eos")
+    steps: int | None = _opt(None, "diffusion models: denoising steps in all (default: max_new_tokens, one token per step).", min=1, only={"objective": ("diffusion",)})
+    block_length: int | None = _opt(None, "diffusion models: tokens per semi-autoregressive block; must divide max_new_tokens (default: one block).", min=1, only={"objective": ("diffusion",)})
+    remasking: str = _opt("low_confidence", "diffusion models: which masked positions a step commits: low_confidence (most probable first) or random.", choices=("low_confidence", "random"), only={"objective": ("diffusion",)})
+    cfg_scale: float = _opt(0.0, "diffusion models: classifier-free guidance scale w (logits = u + (w + 1)(c - u), prompt masked for u); 0 is off.", min=0.0, only={"objective": ("diffusion",)})
+    suppress_eos: bool = _opt(False, "diffusion models: never sample EOS (fills all max_new_tokens).", only={"objective": ("diffusion",)})
 
     def check(self) -> None:
         if any(s == "" for s in self.stop):
@@ -461,10 +433,10 @@ class GenerateConfig(_Validated):
 
     def check_objective(self, objective: str) -> None:
         """Options of the other objective's sampler are errors, not silently ignored."""
-        changed = self.changed(self.CAUSAL_ONLY if objective == "diffusion" else self.DIFFUSION_ONLY)
-        if changed:
-            raise ConfigError(f"'generate.{changed[0]}' does not apply to a {objective} model's sampler; remove it. "
-                              f"({'Block diffusion takes steps, block_length, remasking, cfg_scale, suppress_eos.' if objective == 'diffusion' else 'Autoregressive sampling takes top_k, top_p, repetition_penalty.'})")
+        for f, _ in self.misplaced(objective=objective):
+            own = [g.name for g in dataclasses.fields(self) if objective in g.metadata["only"].get("objective", ())]
+            raise ConfigError(f"'generate.{f.name}' does not apply to a {objective} model's sampler; remove it. "
+                              f"(Its sampler takes {', '.join(own)}.)")
 
 
 SECTIONS: dict[str, type[_Validated]] = {
@@ -511,10 +483,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
             return tomllib.loads(text)
         if suffix == ".json":
             return json.loads(text)

@@ -14,21 +14,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from .api import psannLM, psannLMDataPrep
 from .config import RunConfig, apply_override, dump_config
-from .data.demo_corpus import DEMO_CORPUS_VERSION, write_demo_corpus
+from .data.demo_corpus import DEMO_CORPUS_VERSION, demo_config_values, generate_conversations, write_demo_corpus
+from .files import write_atomic
+from .infer.chat import ChatSession
 
 DEMO_PROMPTS = ("Once upon a time", "One day, a little", "The dog")
-
-
-def demo_config_values(corpus_path: str, run_dir: str) -> dict:
-    return {
-        "model": {"base": "transformer", "d_model": 256, "n_layers": 4, "n_heads": 4},
-        "data": {"train_files": [corpus_path], "doc_separator": "\n\n", "tokenizer": "tokenizers",
-                 "tokenizer_vocab_size": 2048, "max_length": 128, "val_split": 0.02, "cache_dir": f"{run_dir}/data"},
-        "train": {"max_steps": 260, "batch_tokens": 4096, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.1,
-                  "eval_interval_steps": 130, "eval_batches": 20, "log_interval_steps": 25, "checkpoint_dir": run_dir},
-        "generate": {"max_new_tokens": 80, "temperature": 0.8, "top_p": 0.95, "seed": 0},
-    }
 
 
 CHAT_REQUESTS = ("Tell me a story about Lily, a little girl.", "Now one about a young fox called Pip, please.")
@@ -37,11 +29,6 @@ CHAT_REQUESTS = ("Tell me a story about Lily, a little girl.", "Now one about a 
 def chat_demo(lm, run_dir: Path, steps: int, progress: bool = True, seed: int = 0) -> dict:
     """Fine-tune the demo model on generated story requests (loss on the assistant turns only),
     then hold a two-turn conversation with it."""
-    from .api import psannLMDataPrep
-    from .data.demo_corpus import generate_conversations
-    from .files import write_atomic
-    from .infer.chat import ChatSession
-
     path = run_dir / "data" / "demo_chat.jsonl"
     write_atomic(path, "".join(json.dumps(c) + "\n" for c in generate_conversations(4000, seed)))
     dp = psannLMDataPrep.from_sft([path], tokenizer_model_path=str(run_dir / "checkpoints" / "final" / "tokenizer"),
@@ -57,8 +44,6 @@ def chat_demo(lm, run_dir: Path, steps: int, progress: bool = True, seed: int = 
 
 def run_demo(out: str | None = None, corpus_bytes: int = 3_000_000, overrides: list[str] = (),
              print_config: bool = False, chat_steps: int = 0) -> int:
-    from .api import psannLM, psannLMDataPrep
-
     run_dir = Path(out) if out else Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S")
     corpus_path = run_dir / "data" / "demo_corpus.txt"
     values = demo_config_values(str(corpus_path), str(run_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from typing import Iterable
 
@@ -44,3 +45,17 @@ def unknown_choice(what: str, name: str, choices: Iterable[str]) -> str:
     """Message for an unknown name: lists the valid ones and suggests the closest."""
     choices = sorted(choices)
     return f"unknown {what} '{name}'.{did_you_mean(name, choices)} Valid: {', '.join(choices)}."
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, so a bad count is a usage error naming its flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse

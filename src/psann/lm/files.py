@@ -1,9 +1,10 @@
 """Files: writing so that nothing already there is lost (a unique temporary file, fsync, then a
-rename), one writer per directory (an OS lock), OS errors that name the path and the cause, and
-reading JSONL with errors that name the file and line."""
+rename), one writer per directory (an OS lock), OS errors that name the path and the cause,
+reading JSONL with errors that name the file and line, and UTF-8 decoding that counts bad bytes."""
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import json
@@ -180,3 +181,29 @@ def jsonl_rows(lines: Iterable[str], path: str | os.PathLike, hint: str) -> Iter
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); {hint}") from None
+
+
+class CountingDecoder:
+    """Incremental UTF-8 decoding that replaces invalid bytes with U+FFFD and counts them (`bad`),
+    remembering the file offset of the first (`first_bad`, -1 when none)."""
+
+    def __init__(self):
+        self.bad, self.first_bad = 0, -1
+        self._offset = 0  # file offset of the first byte of the buffer being decoded
+        self.errors = f"psann_count_{id(self)}"  # a codec error handler of our own
+
+        def handler(exc: UnicodeDecodeError):
+            if self.bad == 0:
+                self.first_bad = self._offset + exc.start
+            self.bad += 1
+            return "\ufffd", exc.end
+
+        codecs.register_error(self.errors, handler)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=self.errors)
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        pending = len(self._decoder.getstate()[0])  # bytes of a character cut by the previous block
+        self._offset -= pending
+        text = self._decoder.decode(data, final)
+        self._offset += pending + len(data)
+        return text

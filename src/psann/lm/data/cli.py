@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _info(path: str) -> int:
-    from .shards import read_index
+    from .shards import read_index  # lazy: shards import torch, and the psannlm parser imports this module
 
     index = read_index(path)
     summary = {k: v for k, v in index.items() if k != "shards"}
@@ -64,7 +64,7 @@ def _info(path: str) -> int:
 
 
 def _verify(path: str) -> int:
-    from .shards import ShardedTokens
+    from .shards import ShardedTokens  # lazy: as in _info
 
     start, report = time.perf_counter(), {"path": path}
     for split in ("train", "val"):

@@ -549,3 +549,15 @@ def write_demo_corpus(path: str | os.PathLike, *, target_bytes: int = 3_000_000,
             os.remove(tmp)
         raise
     return {"path": path, "stories": stories, "bytes": total, "seed": seed}
+
+
+def demo_config_values(corpus_path: str, run_dir: str) -> dict:
+    """The demo's recipe for the generated corpus at `corpus_path` (`psannlm demo`, the bench suite)."""
+    return {
+        "model": {"base": "transformer", "d_model": 256, "n_layers": 4, "n_heads": 4},
+        "data": {"train_files": [corpus_path], "doc_separator": "\n\n", "tokenizer": "tokenizers",
+                 "tokenizer_vocab_size": 2048, "max_length": 128, "val_split": 0.02, "cache_dir": f"{run_dir}/data"},
+        "train": {"max_steps": 260, "batch_tokens": 4096, "lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.1,
+                  "eval_interval_steps": 130, "eval_batches": 20, "log_interval_steps": 25, "checkpoint_dir": run_dir},
+        "generate": {"max_new_tokens": 80, "temperature": 0.8, "top_p": 0.95, "seed": 0},
+    }

@@ -8,7 +8,6 @@ document longer than a block comes as a `LongDocument`, whose text is read piece
 
 from __future__ import annotations
 
-import codecs
 import gzip
 import logging
 import os
@@ -16,37 +15,12 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from ..errors import DataError
+from ..files import CountingDecoder
 
 log = logging.getLogger("psann.lm")
 
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".csv", ".tsv", ".json", ".jsonl", ".raw")
 BLOCK_CHARS = 1 << 20  # bytes read at a time; a document longer than this many characters is streamed
-
-
-class CountingDecoder:
-    """Incremental UTF-8 decoding that replaces invalid bytes with U+FFFD and counts them (`bad`),
-    remembering the file offset of the first (`first_bad`, -1 when none)."""
-
-    def __init__(self):
-        self.bad, self.first_bad = 0, -1
-        self._offset = 0  # file offset of the first byte of the buffer being decoded
-        self.errors = f"psann_count_{id(self)}"  # a codec error handler of our own
-
-        def handler(exc: UnicodeDecodeError):
-            if self.bad == 0:
-                self.first_bad = self._offset + exc.start
-            self.bad += 1
-            return "\ufffd", exc.end
-
-        codecs.register_error(self.errors, handler)
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=self.errors)
-
-    def decode(self, data: bytes, final: bool = False) -> str:
-        pending = len(self._decoder.getstate()[0])  # bytes of a character cut by the previous block
-        self._offset -= pending
-        text = self._decoder.decode(data, final)
-        self._offset += pending + len(data)
-        return text
 
 
 def open_binary(path: Path) -> IO[bytes]:

@@ -22,10 +22,15 @@ try:
 except ImportError as exc:  # an optional extra
     raise ImportError("the lm-eval harness needs the 'eval' extra: pip install 'psann-lm[eval]'") from exc
 
-from ..api import psannLM
 from ..config import GenerateConfig
+from ..infer.generate import generate_text
+from ..objectives import objective_for
+from ..train.checkpoint import load_checkpoint
+from ..train.trainer import resolve_device
 from ..errors import ConfigError, unknown_choice
+from ..tokenizers import tokenizer_fingerprint
 from .loglik import Scorer
+from .tasks import offline_env, write_task_dir
 
 log = logging.getLogger("psann.lm")
 GENERATE_OPTIONS = {f.name for f in dataclasses.fields(GenerateConfig)} - {"max_new_tokens", "temperature", "stop"}
@@ -60,11 +65,12 @@ class PsannLM(LM):
             raise ConfigError(unknown_choice("psann model_args key", next(iter(unknown)), self.ARGS))
         if ckpt is None:
             raise ConfigError("--model psann needs a checkpoint: --model_args ckpt=DIR (or --ckpt DIR).")
-        self.lm = psannLM.load(str(ckpt), device=str(device))
-        self.scorer = Scorer.for_model(self.lm.model, self.lm.tokenizer, self.lm.model_config,
-                                       None if max_length is None else int(max_length), int(mc_draws), int(seed))
+        model, tokenizer, config = load_checkpoint(str(ckpt), resolve_device(str(device), "device"))
+        self.objective = objective_for(config.model)
+        self.scorer = Scorer.for_model(model, tokenizer, config.model, None if max_length is None else int(max_length),
+                                       int(mc_draws), int(seed))
         self.batch_size, self.seed, self.max_gen_toks = _batch_size(batch_size), int(seed), int(max_gen_toks)
-        self._device = next(self.lm.model.parameters()).device
+        self._device = next(model.parameters()).device
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "PsannLM":
@@ -144,7 +150,7 @@ class PsannLM(LM):
         tok = self.tokenizer
         keep = self.max_length - max_new  # prompt + answer within max_length, as scoring is
         prompts = [[tok.bos_id, *tok.encode_rendered(c)][-keep:] for c in contexts]
-        return self.lm.complete_ids(prompts, gen, stop_ids=tok.chat_stop_ids)
+        return generate_text(self.scorer.model, tok, self.objective, prompts, gen, stop_ids=tok.chat_stop_ids)
 
     # -- chat templates -----------------------------------------------------------------------
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -153,8 +159,6 @@ class PsannLM(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        from ..tokenizers import tokenizer_fingerprint
-
         return f"psann-{self.tokenizer.kind}-{tokenizer_fingerprint(self.tokenizer)}"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
@@ -196,8 +200,6 @@ def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, ta
 
 
 def main(argv: list[str] | None = None, prog: str = "psannlm eval harness") -> int:
-    from .tasks import offline_env, write_task_dir
-
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
         description="Run lm-eval on a psann checkpoint (lm-eval's --model psann).",

@@ -27,6 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import ConfigError
+from ..objectives import objective_for
+from ..train.checkpoint import load_checkpoint
+from ..train.trainer import resolve_device
+
 log = logging.getLogger("psann.lm")
 Window = tuple[list[int], int]  # (tokens, how many of the last tokens are scored)
 
@@ -182,9 +187,6 @@ class Scorer:
     @classmethod
     def load(cls, ckpt: str, device: str = "cpu", max_length: int | None = None, mc_draws: int = 16,
              seed: int = 0) -> "Scorer":
-        from ..train.checkpoint import load_checkpoint
-        from ..train.trainer import resolve_device
-
         model, tok, config = load_checkpoint(ckpt, resolve_device(device, "device"))
         return cls.for_model(model, tok, config.model, max_length, mc_draws, seed)
 
@@ -192,14 +194,12 @@ class Scorer:
     def for_model(cls, model: nn.Module, tokenizer, config, max_length: int | None = None, mc_draws: int = 16,
                   seed: int = 0) -> "Scorer":
         """A scorer of `model` built from ModelConfig `config` (a diffusion model gets the bound, and a warning)."""
-        from ..errors import ConfigError
-
         limit = config.max_seq_len
         if max_length is not None and not 1 < max_length <= limit:
             raise ConfigError(f"max_length={max_length} must be in 2..{limit}, the context this checkpoint "
                               "was built for; leave it unset to use all of it.")
         diffusion = None
-        if config.objective == "diffusion":
+        if not objective_for(config).exact_likelihood:
             if mc_draws < 1:
                 raise ConfigError(f"mc_draws={mc_draws}: a diffusion bound needs at least one draw.")
             diffusion = MonteCarlo(config.mask_token_id, mc_draws, seed)

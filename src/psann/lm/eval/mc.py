@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..train.trainer import resolve_device
+from .loglik import Scorer
 from .tasks import read_jsonl
 
 TARGET_DELIMITER = " "  # lm-eval's default between a query and its choice
@@ -43,9 +45,6 @@ def score_rows(scorer, rows: list[dict], batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "psannlm eval mc") -> int:
-    from ..train.trainer import resolve_device
-    from .loglik import Scorer
-
     parser = argparse.ArgumentParser(prog=prog, description="Multiple-choice accuracy (acc, acc_norm, acc_bytes) of a "
                                      "checkpoint on JSONL files, as the harness's psann_mc task scores them.")
     printing = "--print-config" in (sys.argv[1:] if argv is None else argv)  # shows the options; needs none of them

@@ -1,4 +1,4 @@
-"""Model registry: `base` name -> model class. Families register themselves here."""
+"""Model registry: `base` name -> family class (a layers.LanguageModel, which says what is its own)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from ..config import ModelConfig
 from ..errors import ConfigError, unknown_choice
 from .byte import ByteLM
 from .hnet import HNetLM
+from .layers import LanguageModel
 from .respsann import ResPSANNLM
 from .transformer import TransformerLM
 from .waveresnet import WaveResNetLM
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+MODEL_REGISTRY: dict[str, type[LanguageModel]] = {
     "transformer": TransformerLM,
     "respsann": ResPSANNLM,
     "waveresnet": WaveResNetLM,
@@ -21,35 +22,40 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-SINE_BASES = ("respsann", "waveresnet")
-BYTE_BASES = ("byte", "hnet")  # read raw bytes: vocab 256, the byte tokenizer
-
-
-def check_base(base: str) -> None:
+def family(base: str) -> type[LanguageModel]:
+    """The family class of `base`; a ConfigError naming the registered ones for anything else."""
     if base not in MODEL_REGISTRY:
         raise ConfigError(unknown_choice("base", base, MODEL_REGISTRY))
+    return MODEL_REGISTRY[base]
+
+
+def check_model_config(config: ModelConfig) -> type[LanguageModel]:
+    """What ModelConfig cannot check without the families (their structure, bidirectional attention,
+    sine_params, a fixed vocabulary); returns the family."""
+    cls = family(config.base)
+    cls.check_config(config)
+    if not config.causal and cls.causal_only:
+        either = ", ".join(b for b, c in MODEL_REGISTRY.items() if not c.causal_only)
+        raise ConfigError(f"objective diffusion needs bidirectional attention over all positions; {cls.causal_only}. "
+                          f"Use base {either}.")
+    if config.sine_params is not None and not cls.sine_params:
+        sine = ", ".join(b for b, c in MODEL_REGISTRY.items() if c.sine_params)
+        raise ConfigError(f"'model.sine_params' configures the sine activation of the PSANN bases ({sine}); "
+                          f"base '{config.base}' has none. Remove sine_params or choose a PSANN base.")
+    if cls.vocab_size is not None and config.vocab_size not in (None, cls.vocab_size):
+        raise ConfigError(f"base '{config.base}' reads the '{cls.tokenizer}' tokenizer's ids (vocab_size {cls.vocab_size}), "
+                          f"got vocab_size {config.vocab_size}: prepare the data with tokenizer='{cls.tokenizer}'.")
+    return cls
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    check_base(config.base)
+    cls = check_model_config(config)
     if config.vocab_size is None or config.max_seq_len is None:
         raise ConfigError("model.vocab_size and model.max_seq_len must be resolved before building a model "
                           "(psannLM and the trainer fill them from the tokenizer and data.max_length).")
-    if config.sine_params is not None and config.base not in SINE_BASES:
-        raise ConfigError(f"'model.sine_params' configures the sine activation of the PSANN bases ({', '.join(SINE_BASES)}); "
-                          f"base '{config.base}' has none. Remove sine_params or choose a PSANN base.")
-    if config.base in BYTE_BASES and config.vocab_size != 256:
-        raise ConfigError(f"base '{config.base}' reads bytes (vocab_size 256), got vocab_size {config.vocab_size}: "
-                          "prepare the data with tokenizer='byte'.")
-    return MODEL_REGISTRY[config.base](config)
+    return cls(config)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Unique parameters (tied weights counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    """Unique parameters (model.parameters() yields a tied weight once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from .hgrn_bit import HGRNBitBlock
-from .layers import DecoderBlock, KVCache, SwiGLU
+from .layers import DecoderBlock, KVCache, SwiGLU, matmul_parameters
 from .transformer import TransformerLM
 
 
@@ -26,6 +27,15 @@ def new_block_cache(config: ModelConfig, n_blocks: int, batch_size: int, max_len
 
 
 class ByteLM(TransformerLM):
+    tokenizer, vocab_size = "byte", 256
+
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        super().check_config(config)
+        if config.layer_type == "hgrn_bit" and not config.causal:
+            raise ConfigError("objective diffusion needs bidirectional layers; hgrn_bit is a causal recurrence. "
+                              "Use layer_type transformer.")
+
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         if config.layer_type == "hgrn_bit":
@@ -45,7 +55,6 @@ class ByteLM(TransformerLM):
         return new_block_cache(self.config, self.config.n_layers, batch_size, max_len, device or p.device, dtype or p.dtype)
 
     def flops_per_token(self, seq_len: int) -> int:
-        from ..train.throughput import matmul_parameters
-
-        attention = 12 * self.config.n_layers * self.config.d_model * seq_len if self.config.layer_type == "transformer" else 0
-        return 6 * matmul_parameters(self) + attention
+        if self.config.layer_type == "transformer":
+            return super().flops_per_token(seq_len)
+        return 6 * matmul_parameters(self)  # recurrent blocks: no attention term

@@ -28,18 +28,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import HNET_ONLY, ModelConfig
+from ..config import ModelConfig
 from ..errors import ConfigError
 from ..tokenizers.byte import BOS_ID
 from .byte import make_byte_block, new_block_cache
-from .layers import KVCache, RMSNorm, RotaryEmbedding, init_weights, run_blocks
+from .layers import KVCache, LanguageModel, RMSNorm, RotaryEmbedding, init_weights, run_blocks
 from .scan import linear_scan
+
 
 def stage_config(config: ModelConfig, width: int, n_layers: int) -> ModelConfig:
     """The flat config of the blocks of one stage (width `width`; n_layers scales the init)."""
-    defaults = ModelConfig.defaults()
-    return dataclasses.replace(config, base="byte", d_model=width, n_layers=max(1, n_layers),
-                               **{k: defaults[k] for k in HNET_ONLY})
+    return dataclasses.replace(config, d_model=width, n_layers=max(1, n_layers))
 
 
 class Stack(nn.Module):
@@ -229,13 +228,47 @@ class HNetStage(nn.Module):
         return sum(len(s.blocks) for s in self.stacks() if s.config.layer_type == "transformer")
 
 
-class HNetLM(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
+class HNetLM(LanguageModel):
+    tokenizer, vocab_size = "byte", 256
+    causal_only = "H-Net's chunking is causal"
+
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        widths, blocks = config.widths, config.num_blocks
+        if blocks is None or len(widths) != len(blocks) or len(widths) < 2:
+            raise ConfigError("base 'hnet' needs model.d_model as a list of stage widths and model.num_blocks with one "
+                              "entry per width, at least two: e.g. d_model: [384, 512], num_blocks: [[3, 0, 3], [6]].")
+        for i, stage in enumerate(blocks[:-1]):
+            if len(stage) != 3 or stage[1] != 0 or min(stage) < 0:
+                raise ConfigError(f"'model.num_blocks[{i}]' must be [encoder, 0, decoder] (the middle is the inner stage), got {stage}.")
+        if len(blocks[-1]) != 1 or blocks[-1][0] < 1:
+            raise ConfigError(f"'model.num_blocks[-1]' is the innermost stage: [main blocks], got {blocks[-1]}.")
+        if any(b < a for a, b in zip(widths, widths[1:])):
+            raise ConfigError(f"'model.d_model' stage widths must not shrink towards the inside, got {widths}.")
+        if config.changed(["n_layers"]):
+            raise ConfigError("base 'hnet' takes its depth from model.num_blocks; remove model.n_layers.")
+        for key, n in (("target_compression", len(widths) - 1), ("stage_lr_mult", len(widths))):
+            value = getattr(config, key)
+            if value is not None and len(value) != n:
+                raise ConfigError(f"'model.{key}' needs {n} value(s) for {len(widths)} stages, got {value}.")
+        if config.target_compression is not None and min(config.target_compression) <= 1:
+            raise ConfigError(f"'model.target_compression' values must be > 1 (bytes per chunk), got {config.target_compression}.")
         if config.layer_type == "transformer" and not config.rope:
             raise ConfigError("base 'hnet' positions its attention blocks with RoPE; remove model.rope=false.")
         if config.d_mlp is not None:
             raise ConfigError("base 'hnet' sizes each stage's MLP from its width; set model.hidden_ratio instead of model.d_mlp.")
+
+    @classmethod
+    def block_stacks(cls, config: ModelConfig) -> list[tuple[ModelConfig, float]]:
+        """Each stage's blocks at its width, for the share of bytes that reach it."""
+        stacks, rate = [], 1.0
+        for width, blocks, target in zip(config.widths, config.num_blocks, config.compression_targets + [1.0]):
+            stacks.append((stage_config(config, width, sum(blocks)), rate))
+            rate *= target
+        return stacks
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
         self.config = config
         total_blocks = sum(sum(stage) for stage in config.num_blocks)
         width = config.widths[0]

@@ -1,4 +1,5 @@
-"""Pieces shared by every decoder family: norm, rotary embedding, attention with a KV cache, SwiGLU.
+"""Pieces shared by every decoder family: norm, rotary embedding, attention with a KV cache, SwiGLU,
+and LanguageModel, the base class through which a family says what is its own.
 
 Layouts follow Hugging Face Llama (rotate-half RoPE, q/k/v and gate/up fused here but split on
 export) so weights move between the two without permutation.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -239,3 +241,35 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters used in matrix multiplies (tied weights once; embedding lookups excluded unless
+    the embedding doubles as the output head)."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in lookups or p is head)  # parameters(): each once
+
+
+class LanguageModel(nn.Module):
+    """Base class of every family: what it declares here is all the rest of the package knows of it."""
+
+    tokenizer: ClassVar[str | None] = None    # the tokenizer kind it reads (e.g. "byte"); None: any
+    vocab_size: ClassVar[int | None] = None   # the vocabulary that tokenizer fixes
+    causal_only: ClassVar[str] = ""           # why it cannot attend both ways (objective diffusion); "": it can
+    sine_params: ClassVar[bool] = False       # takes model.sine_params (the PSANN sine activation)
+
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        """The family's own checks of `config`; a ConfigError names the key and the fix."""
+
+    @classmethod
+    def block_stacks(cls, config: ModelConfig) -> list[tuple[ModelConfig, float]]:
+        """(flat config, compression R) of each run of blocks, which sees one position per R tokens."""
+        return [(config, 1.0)]
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token as in PaLM (Chowdhery et al. 2022, app. B): 6 matmul_parameters +
+        attention's QK^T and AV over a full window. Recomputation under activation checkpointing is
+        not counted: MFU measures useful model FLOPs."""
+        return 6 * matmul_parameters(self) + 12 * self.config.n_layers * self.config.d_model * seq_len

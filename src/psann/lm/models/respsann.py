@@ -39,6 +39,8 @@ def siren_init_(weight: torch.Tensor, fan_in: int, freq_init: float) -> None:
 
 
 class ResPSANNLM(TransformerLM):
+    sine_params = True
+
     def __init__(self, config: ModelConfig):
         self.sine = SineConfig.from_dict(config.sine_params)
         super().__init__(config)

@@ -6,10 +6,18 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .layers import DecoderBlock, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, init_weights, mask_positions, run_blocks
+from ..errors import ConfigError
+from .layers import (DecoderBlock, KVCache, LanguageModel, RMSNorm, RotaryEmbedding, SwiGLU, init_weights,
+                     mask_positions, run_blocks)
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(LanguageModel):
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        if isinstance(config.d_model, list):
+            raise ConfigError(f"'model.d_model' is a list ({config.d_model}): one width per stage is for base 'hnet'; "
+                              f"base '{config.base}' takes one integer.")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..errors import ConfigError, DataError
 from ..files import write_atomic
-from .metrics import read_metrics, summarize_metrics
+from ..train.metrics import read_metrics, summarize_metrics
 
 SAMPLE_PROMPTS = ("Once upon a time", "The dog")
 
@@ -82,6 +84,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _run_config(path: Path):
+    # lazy: torch (checkpoint) and yaml (config); the psannlm parser imports this module
     from ..config import load_config
     from ..train.checkpoint import read_checkpoint_config
 
@@ -96,8 +99,6 @@ def _count_parameters(checkpoint: Path) -> int | None:
     weights = checkpoint / "model.safetensors"
     if not weights.exists():
         return None
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="pt") as fh:
         return sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
 
@@ -189,12 +190,18 @@ def curves_png(runs: list[tuple[str, list[dict]]]) -> bytes:
 
 def generate_samples(checkpoint: Path, prompts: list[str], max_new_tokens: int, device: str) -> list[tuple[str, str]]:
     """Greedy continuations (seed 0, no penalties), so two reports of one checkpoint agree."""
-    from ..api import psannLM
+    # lazy: torch; the psannlm parser imports this module
+    from ..config import GenerateConfig
+    from ..infer.generate import generate_text
+    from ..objectives import objective_for
+    from ..train.checkpoint import load_checkpoint
 
-    lm = psannLM.load(checkpoint, device=device)
-    greedy = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "seed": 0, "top_k": None, "top_p": 1.0,
-              "repetition_penalty": 1.0, "stop": [], "block_length": None, "steps": None}
-    return list(zip(prompts, lm.generate_batch(prompts, **greedy)))
+    model, tok, config = load_checkpoint(checkpoint, device)
+    greedy = GenerateConfig(**{**config.generate.to_dict(), "temperature": 0.0, "max_new_tokens": max_new_tokens,
+                               "seed": 0, "top_k": None, "top_p": 1.0, "repetition_penalty": 1.0, "stop": [],
+                               "block_length": None, "steps": None})
+    texts = generate_text(model, tok, objective_for(config.model), [tok.encode(p, add_bos=True) for p in prompts], greedy)
+    return list(zip(prompts, texts))
 
 
 # --- HTML ---------------------------------------------------------------------------------------

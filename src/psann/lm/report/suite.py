@@ -2,8 +2,8 @@
 
     psannlm bench suite --out reports/benchmarks/<timestamp>/
 
-Everything runs through the package: the built-in story corpus (no downloads), psannLMDataPrep,
-psannLM.fit (the trainer's own tok/s, MFU and peak-memory figures), the dry-run memory plan.
+Everything runs through the package: the built-in story corpus (no downloads), `train()`
+(the trainer's own tok/s, MFU and peak-memory figures), the dry-run memory plan.
 Writes system.json, the baseline run (baseline/), metrics.json + metrics.csv (its parsed
 records), loss_curve.png (loss and perplexity panels), throughput.csv, memory.json and
 suite.json (scale, settings, the command that reproduces it). `psannlm report <out>` renders it.
@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from ..config import ModelConfig, RunConfig, TrainConfig
+from ..data.demo_corpus import demo_config_values, write_demo_corpus
 from ..errors import ConfigError
 from ..files import write_atomic
-from .metrics import median_of, read_metrics, summarize_metrics
+from .html import curves_png
+from ..train.metrics import median_of, read_metrics, summarize_metrics
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ class SuiteSettings:
     seed: int = 0
 
     def check(self) -> None:
-        from ..models import BYTE_BASES, MODEL_REGISTRY
+        from ..models import MODEL_REGISTRY  # lazy: models import torch, and psann.cli imports this module at start-up
 
+        token_bases = [b for b, cls in MODEL_REGISTRY.items() if cls.tokenizer is None]
         for name in ("corpus_bytes", "d_model", "n_layers", "steps", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
@@ -58,11 +62,10 @@ class SuiteSettings:
             raise ConfigError(f"--d-model {self.d_model} must be a multiple of the {self.n_heads} attention heads.")
         for base in self.bases:
             if base not in MODEL_REGISTRY:
-                raise ConfigError(f"--bases: unknown base {base!r}; choose from "
-                                  f"{', '.join(b for b in MODEL_REGISTRY if b not in BYTE_BASES)}.")
-            if base in BYTE_BASES:
-                raise ConfigError(f"--bases: {base!r} reads raw bytes; the suite's grid trains on the BPE-tokenised "
-                                  "demo corpus, so pick token bases (e.g. transformer,respsann,waveresnet).")
+                raise ConfigError(f"--bases: unknown base {base!r}; choose from {', '.join(token_bases)}.")
+            if base not in token_bases:
+                raise ConfigError(f"--bases: {base!r} reads raw {MODEL_REGISTRY[base].tokenizer}s; the suite's grid trains "
+                                  f"on the BPE-tokenised demo corpus, so pick token bases (e.g. {','.join(token_bases)}).")
         for bt in (self.batch_tokens, *self.grid_batch_tokens):
             if bt < self.max_length:
                 raise ConfigError(f"batch tokens {bt} is less than one {self.max_length}-token window at this scale; "
@@ -139,7 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_settings(args) -> SuiteSettings:
-    from ..train.trainer import resolve_device
+    from ..train.trainer import resolve_device  # lazy: torch; psann.cli imports this module at start-up
 
     device = resolve_device(args.device, "--device")
     scale = args.scale if args.scale != "auto" else ("gpu" if device.type == "cuda" else "cpu")
@@ -177,9 +180,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def _run_config(s: SuiteSettings, corpus: Path, run_dir: Path):
     """The demo's recipe (lr, warmup, schedule) at the suite's sizes."""
-    from ..config import RunConfig
-    from ..demo import demo_config_values
-
     values = demo_config_values(str(corpus), str(run_dir))
     values["model"].update(d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads)
     values["data"].update(tokenizer_vocab_size=s.vocab_size, max_length=s.max_length, cache_dir=str(corpus.parent))
@@ -192,22 +192,26 @@ def _run_config(s: SuiteSettings, corpus: Path, run_dir: Path):
 def measure_throughput(dp, s: SuiteSettings, base: str, batch_tokens: int, work_dir: Path) -> dict:
     """tok/s, TFLOP/s and MFU as the trainer logs them for each step: the median over the second
     half of `grid_steps` steps (the first half warms up), which a stall or two does not move."""
-    import torch
+    import torch  # lazy: torch; psann.cli imports this module at start-up
 
-    from ..api import psannLM
+    from ..models import count_parameters
+    from ..train.run import train
     from ..train.trainer import resolve_amp
 
     device = torch.device(s.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    lm = psannLM(base=base, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads)
-    lm.fit(dp, max_steps=s.grid_steps, batch_tokens=batch_tokens, log_interval_steps=1, eval_interval_steps=0,
-           eval_batches=1, progress=False, plot=False, checkpoint_dir=str(work_dir), device=s.device, seed=s.seed)
+    config = RunConfig(model=ModelConfig(base=base, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads),
+                       data=dp.config, train=TrainConfig(
+                           max_steps=s.grid_steps, batch_tokens=batch_tokens, log_interval_steps=1, eval_interval_steps=0,
+                           eval_batches=1, progress=False, plot=False, checkpoint_dir=str(work_dir), device=s.device,
+                           seed=s.seed))
+    run = train(config, data=dp)
     steps = [r for r in read_metrics(work_dir / "metrics.jsonl") if r["kind"] == "train"]
     timed = steps[s.grid_steps // 2:]
     amp = resolve_amp("auto", device)
     mfu = median_of(timed, "mfu")
-    return {"base": base, "batch_tokens": steps[-1]["tokens"] // steps[-1]["step"], "parameters": lm.num_parameters(),
+    return {"base": base, "batch_tokens": steps[-1]["tokens"] // steps[-1]["step"], "parameters": count_parameters(run.model),
             "timed_steps": len(timed), "tok_per_s": round(median_of(timed, "tok_per_s"), 1),
             "tflops_per_device": round(median_of(timed, "tflops_per_device"), 4),
             "mfu": None if mfu is None else round(mfu, 4),
@@ -228,7 +232,7 @@ MEMORY_NOTE = ("saved_tensor_mb: bytes of the tensors autograd keeps for backwar
 def measure_memory(dp, model_config, s: SuiteSettings) -> dict:
     """One micro-batch of `batch_tokens` tokens through a fresh model, with and without activation
     checkpointing, at the trainer's precision."""
-    import torch
+    import torch  # lazy: torch; psann.cli imports this module at start-up
 
     from ..data.loader import WindowLoader
     from ..models import build_model
@@ -272,9 +276,9 @@ def measure_memory(dp, model_config, s: SuiteSettings) -> dict:
 
 def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
     """Run every part into `out`; -> the suite.json contents."""
-    from ..api import psannLM, psannLMDataPrep
-    from ..data.demo_corpus import write_demo_corpus
-    from .html import curves_png
+    from ..data.prepare import prepare_data  # lazy: torch; psann.cli imports this module at start-up
+    from ..models import count_parameters
+    from ..train.run import train
     from .system import system_info
 
     out = Path(out)
@@ -288,11 +292,10 @@ def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
     corpus = out / "data" / "demo_corpus.txt"
     write_demo_corpus(corpus, target_bytes=s.corpus_bytes, seed=s.seed)
     config = _run_config(s, corpus, out / "baseline")
-    dp = psannLMDataPrep.from_config(config.data)
-    lm = psannLM(**config.model.to_dict())
-    lm.fit(dp, **config.train.to_dict())
+    dp = prepare_data(config.data)
+    run = train(config, data=dp)
     records = read_metrics(out / "baseline" / "metrics.jsonl")
-    summary = {**lm.last_run, **summarize_metrics(records), "parameters": lm.num_parameters()}
+    summary = {**run.info, **summarize_metrics(records), "parameters": count_parameters(run.model)}
     write_atomic(out / "metrics.json", json.dumps({"records": records, "summary": summary}, indent=2) + "\n")
     _write_csv(out / "metrics.csv", records)
     write_atomic(out / "loss_curve.png", curves_png([("baseline", records)]))
@@ -308,7 +311,7 @@ def run_suite(out: str | os.PathLike, s: SuiteSettings) -> dict:
     shutil.rmtree(out / ".grid", ignore_errors=True)
     _write_csv(out / "throughput.csv", grid)
 
-    memory = measure_memory(dp, lm.model_config, s)
+    memory = measure_memory(dp, run.config.model, s)
     write_atomic(out / "memory.json", json.dumps(memory, indent=2) + "\n")
 
     suite = {"scale": s.scale, "scale_note": s.describe(), "command": s.command(), "settings": dataclasses.asdict(s),

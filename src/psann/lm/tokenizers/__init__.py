@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..config import TOKENIZER_KINDS
 from ..errors import CheckpointError, ConfigError, DataError, unknown_choice
 from .base import META_FILE, Tokenizer, TokenizerFileNotFoundError, read_meta
 from .chat import CONFIG_FILE as CHAT_CONFIG_FILE
@@ -41,7 +42,6 @@ __all__ = [
 
 logger = logging.getLogger("psann.lm")
 
-TOKENIZER_KINDS: tuple[str, ...] = ("auto", "byte", "char", "simple", "bpe", "sentencepiece", "tokenizers")
 _ALIASES = {"simple": "char"}  # "simple" is the name an older spec used
 # kind -> (module, class name); modules are imported only when needed.
 _BACKENDS = {

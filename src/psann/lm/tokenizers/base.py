@@ -14,6 +14,7 @@ from unicodedata import ucd_3_2_0
 import regex
 
 from ..errors import CheckpointError, DataError
+from .chat import END_OF_TURN, _compile, check_messages, default_chat_template, render, split_specials, write_tokenizer_config
 
 META_FILE = "psann_tokenizer.json"
 FORMAT_VERSION = 1
@@ -113,7 +114,7 @@ class Tokenizer(abc.ABC):
         """Load a directory written by :meth:`save` (backends override this)."""
         if cls is not Tokenizer:
             raise NotImplementedError(f"{cls.__name__} does not implement load()")
-        from . import load_tokenizer  # the registry lives in the package
+        from . import load_tokenizer  # lazy: the registry lives in the package, which imports this module
 
         return load_tokenizer(directory)
 
@@ -178,14 +179,10 @@ class Tokenizer(abc.ABC):
     @property
     def chat_template(self) -> str:
         """The Jinja chat template (saved in tokenizer_config.json); a default fits the vocabulary."""
-        from .chat import default_chat_template
-
         return getattr(self, "_chat_template", None) or default_chat_template(self.special_token_ids)
 
     @chat_template.setter
     def chat_template(self, template: str | None) -> None:
-        from .chat import _compile
-
         if template is not None:
             _compile(template)  # fail now, not at the first conversation
         self._chat_template = template
@@ -193,8 +190,6 @@ class Tokenizer(abc.ABC):
     def apply_chat_template(self, messages, *, add_generation_prompt: bool = False,
                             tokenize: bool = True) -> list[int] | str:
         """Render a conversation ``[{"role", "content"}, ...]`` (no BOS); ids, or the text if not ``tokenize``."""
-        from .chat import check_messages, render
-
         names = self.special_tokens()
         variables = {f"{role}_token": names.get(getattr(self, f"{role}_id")) for role in ("bos", "eos", "pad", "unk")}
         text = render(self.chat_template, check_messages(messages), add_generation_prompt=add_generation_prompt,
@@ -203,8 +198,6 @@ class Tokenizer(abc.ABC):
 
     def encode_rendered(self, text: str) -> list[int]:
         """Encode text that may hold special-token strings (a rendered chat template) as their ids."""
-        from .chat import split_specials
-
         ids: list[int] = []
         for piece in split_specials(text, self.special_token_ids):
             ids.extend([piece] if isinstance(piece, int) else self._encode_text(piece))
@@ -213,8 +206,6 @@ class Tokenizer(abc.ABC):
     @property
     def chat_stop_ids(self) -> set[int]:
         """Ids that end an assistant turn: EOS, and the end-of-turn token where the vocabulary has one."""
-        from .chat import END_OF_TURN
-
         end = self.special_token_ids.get(END_OF_TURN)
         return {self.eos_id} | ({end} if end is not None else set())
 
@@ -227,8 +218,6 @@ class Tokenizer(abc.ABC):
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         extra = self._save_files(path)
-        from .chat import write_tokenizer_config
-
         roles = {r: t for r in ("bos", "eos", "pad", "unk")
                  if (t := self.special_tokens().get(getattr(self, f"{r}_id"))) is not None}
         write_tokenizer_config(path, self.chat_template, roles)

@@ -32,6 +32,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import regex
+import tiktoken
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTok
 
 from ..errors import CheckpointError, DataError
 from .base import CUT_BETWEEN_PRETOKENS, Tokenizer, check_against_meta, read_meta, require_file
@@ -202,8 +205,6 @@ class BPETokenizer(Tokenizer):
         # alternation takes the first listed match, not the longest).
         prefix_free = not any(x != y and y.startswith(x) for x in specials for y in specials)
         self._native_specials = frozenset(specials) if ids_are_ranks and prefix_free else None
-
-        import tiktoken
 
         self._enc = tiktoken.Encoding(
             name=f"psann_bpe_{id(self)}", pat_str=self.pattern, mergeable_ranks=ranks,
@@ -518,9 +519,6 @@ class BPETokenizer(Tokenizer):
         Special tokens become added tokens; Hugging Face matches them in the text just like
         :meth:`encode` does (including longest-first for overlapping ones).
         """
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTok
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab: dict[str, int] = {}

@@ -28,8 +28,8 @@ from typing import Iterator, Sequence
 import regex
 from tqdm.auto import tqdm
 
-from ..data.text import CountingDecoder
 from ..errors import ConfigError, DataError
+from ..files import CountingDecoder
 from ..workers import process_context
 
 log = logging.getLogger("psann.lm")

@@ -15,8 +15,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.text import CountingDecoder, read_text_file
-from ..errors import DataError
+from ..data.text import read_text_file
+from ..data.tokens import token_dtype
+from ..errors import DataError, at_least
+from ..files import CountingDecoder
+from . import load_tokenizer
+from .bpe import BPETokenizer
+from .bpe_train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
+from .chat import CHAT_TOKENS
 
 log = logging.getLogger("psann.lm")
 
@@ -24,8 +30,6 @@ READ_CHARS = 1 << 20  # characters handed to encode_iterable at a time
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from psann.cli import at_least
-
     p = sub.add_parser("tokenizer", help="train a byte-level BPE, encode a corpus to .npy, report bytes/token")
     # metavar: a missing sub-command is reported as {train,encode,stats}, not as the dest name
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="{train,encode,stats}")
@@ -71,18 +75,12 @@ def special_tokens(args) -> list[str]:
     """The special tokens the trained vocabulary holds: those asked for, the chat role tokens, and the
     BOS/EOS/PAD tokens BPETokenizer adds for roles none of them fills. Training with all of them is
     what makes --vocab-size the exact total."""
-    from .bpe import BPETokenizer
-    from .chat import CHAT_TOKENS
-
     asked = list(dict.fromkeys((args.special_token or ["<|endoftext|>"]) + list(CHAT_TOKENS if args.chat_tokens else ())))
     probe = BPETokenizer({i: bytes([i]) for i in range(256)}, [], asked)
     return sorted(probe.special_token_ids, key=probe.special_token_ids.get)
 
 
 def _train(args) -> int:
-    from .bpe import BPETokenizer
-    from .bpe_train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
-
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise DataError(f"--out {args.out} is a file; give a directory for the tokenizer files.")
     specials = special_tokens(args)
@@ -119,9 +117,6 @@ def _read_chunks(path: Path, bar: tqdm):
 
 
 def _encode(args) -> int:
-    from ..data.tokens import token_dtype
-    from . import load_tokenizer
-
     tok = load_tokenizer(args.tokenizer)
     path, out = Path(args.input), Path(args.out)
     _check_input(path)
@@ -163,8 +158,6 @@ def _encode(args) -> int:
 
 
 def _stats(args) -> int:
-    from . import load_tokenizer
-
     tok = load_tokenizer(args.tokenizer)
     path = Path(args.input)
     _check_input(path)

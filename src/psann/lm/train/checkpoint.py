@@ -43,10 +43,13 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
+
+from psann import __version__
 
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError, PsannError
+from ..models import build_model
 from ..files import fsync_dir, fsync_tree, raise_os_error, read_json, temp_name
 from ..tokenizers import load_tokenizer
 
@@ -129,13 +132,11 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module | None, token
     `model` None writes no weights file (a sharded checkpoint whose shards were already written
     into `staged`, the temporary directory that is then completed and renamed). On any error
     the temporary directory is removed and the previous checkpoint is left as it was."""
-    from psann import __version__
-
     directory = Path(directory)
     if model is not None and (bad := first_non_finite(model.state_dict().items())):
         raise non_finite_error(bad, directory)
     tmp = staged or temp_name(directory)
-    try:
+    with _published_as(directory, tmp):
         with _writing(tmp):
             directory.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir(exist_ok=staged is not None)
@@ -153,11 +154,6 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module | None, token
         if rng_state is not None:
             _save_torch(rng_state, tmp / RNG)
         _fault_point("files-written")
-        _seal(tmp)
-        _publish(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -226,6 +222,34 @@ def _publish(tmp: Path, directory: Path) -> None:
     _fault_point("published")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # a kill midway leaves a leftover for recover_checkpoints
+
+
+def copy_checkpoint(source: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """The weights, config and tokenizer of checkpoint `source` (verified) copied to `directory`,
+    sealed and published like a save (an existing one is replaced only once the copy is complete)."""
+    source, directory = resolve_checkpoint(source), Path(directory)
+    verify_checkpoint(source, WEIGHTS, CONFIG, TOKENIZER)
+    tmp = temp_name(directory)
+    with _published_as(directory, tmp), _writing(tmp):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        shutil.copy2(source / WEIGHTS, tmp / WEIGHTS)
+        shutil.copy2(source / CONFIG, tmp / CONFIG)
+        shutil.copytree(source / TOKENIZER, tmp / TOKENIZER)
+    return directory
+
+
+@contextlib.contextmanager
+def _published_as(directory: Path, tmp: Path):
+    """What the block writes into `tmp` is sealed and renamed to `directory`; on any error `tmp`
+    is removed and the previous `directory` is left as it was."""
+    try:
+        yield
+        _seal(tmp)
+        _publish(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def staging_dir(directory: str | os.PathLike) -> Path:
@@ -404,8 +428,6 @@ def read_checkpoint_config(directory: str | os.PathLike) -> RunConfig:
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """-> (model, tokenizer, run_config). The model is built from the stored config, then filled."""
-    from ..models import build_model
-
     directory = resolve_checkpoint(directory)
     config = read_checkpoint_config(directory)
     verify_checkpoint(directory, CONFIG, TOKENIZER)
@@ -423,6 +445,7 @@ def load_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = resolve_checkpoint(directory)
     path = directory / WEIGHTS
     if not path.exists() and (directory / SHARDED).is_dir():
+        # lazy: torch.distributed.checkpoint takes ~1 s to import; only sharded checkpoints need it
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         verify_checkpoint(directory, SHARDED)
@@ -444,7 +467,7 @@ def load_weights(model: nn.Module, directory: str | os.PathLike) -> None:
 
 
 def _dcp_load(state: dict, directory: Path) -> None:
-    from .dcp_reader import load_shards  # torch.distributed.checkpoint: heavy, only sharded checkpoints need it
+    from .dcp_reader import load_shards  # lazy: torch.distributed.checkpoint takes ~1 s; only sharded checkpoints need it
 
     load_shards(state, directory / SHARDED)
 
@@ -522,6 +545,7 @@ def load_model_and_optimizer(directory: str | os.PathLike, model: nn.Module, opt
 
 
 def _load_model_and_optimizer(directory: Path, model: nn.Module, optimizer, sharded_model: bool) -> None:
+    # lazy: torch.distributed.checkpoint takes ~1 s to import; only sharded checkpoints need it
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     if (directory / SHARDED).is_dir():
@@ -542,8 +566,6 @@ def _load_model_and_optimizer(directory: Path, model: nn.Module, optimizer, shar
         optimizer.load_state_dict(optim_sd["state"])
         return
     if sharded_model:
-        from safetensors.torch import load_file
-
         verify_checkpoint(directory, WEIGHTS)
         try:
             full = load_file(directory / WEIGHTS)
@@ -558,6 +580,7 @@ def _load_model_and_optimizer(directory: Path, model: nn.Module, optimizer, shar
         set_state_dict(model, optimizer, model_state_dict=full, optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
         return
+    # lazy: torch.distributed.checkpoint takes ~1 s to import; only sharded checkpoints need it
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     load_weights(model, directory)

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from ..errors import CheckpointError, PsannError
 
@@ -45,8 +47,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _read_metadata(path: Path):
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
     try:
         with open(path, "rb") as fh:
             metadata = _MetadataUnpickler(fh, path).load()
@@ -98,8 +98,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         self.reader = reader
 
     def load_bytes(self, read_item, value) -> None:
-        from torch.distributed.checkpoint._traverse import set_element
-
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as exc:

@@ -11,25 +11,23 @@ import torch
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from .throughput import PEAK_TFLOPS, flops_per_token, memory_plan
+from ..models import build_model, count_parameters, family
+from .throughput import PEAK_TFLOPS, flops_formula, memory_plan
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
 
 def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | None = None, gpu: str = "H100",
              mfu: float = 0.4) -> dict:
-    from ..models import BYTE_BASES, build_model, count_parameters
-
     model_cfg, train, L = config.model, config.train, config.data.max_length
-    if model_cfg.vocab_size is None and model_cfg.base in BYTE_BASES:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=256)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size or family(model_cfg.base).vocab_size,
+                                    max_seq_len=model_cfg.max_seq_len or L)  # a byte-level family fixes its vocabulary
     if model_cfg.vocab_size is None:
         raise ConfigError("--dry-run needs the vocabulary size: set model.vocab_size (--vocab-size).")
-    model_cfg = dataclasses.replace(model_cfg, max_seq_len=model_cfg.max_seq_len or L)
     with torch.device("meta"):
         model = build_model(model_cfg)
     n_params = count_parameters(model)
-    per_token = flops_per_token(model, model_cfg, L)
+    per_token = model.flops_per_token(L)
 
     fsdp = train.fsdp != "off" and world_size > 1
     shard = (gpus_per_node or world_size) if train.fsdp == "hybrid" else world_size
@@ -56,7 +54,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | Non
     return {
         "parameters": n_params,
         "flops_per_token": per_token,
-        "flops_formula": f"{type(model).__name__}.flops_per_token" if hasattr(model, "flops_per_token") else "6N + 12 L d T",
+        "flops_formula": flops_formula(model),
         "world_size": world_size,
         "sharding": train.fsdp if fsdp else ("ddp" if world_size > 1 else "none"),
         "micro_batch_windows": micro,

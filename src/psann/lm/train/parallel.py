@@ -13,6 +13,8 @@ import logging
 
 import torch
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TrainConfig
@@ -87,8 +89,6 @@ def data_parallel_mode(cfg: TrainConfig, world_size: int) -> str:
 
 
 def _fsdp_mesh(cfg: TrainConfig, info: DistInfo, device_type: str):
-    from torch.distributed.device_mesh import init_device_mesh
-
     if cfg.fsdp == "hybrid":
         # Shard within a node (fast links), replicate across nodes.
         if info.world_size % info.local_world_size:
@@ -139,8 +139,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torc
     if mode == "fsdp":
         return apply_fsdp(model, cfg, info, device, amp_dtype), mode
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids), mode
     return model, mode

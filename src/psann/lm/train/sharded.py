@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..config import ModelConfig, RunConfig
 from ..errors import CheckpointError
 from ..files import raise_os_error
+from ..models import build_model
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_gather_object, broadcast_object
 
@@ -35,8 +36,6 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, inf
 def empty_model(config: ModelConfig) -> nn.Module:
     """The model's structure on CPU with uninitialised storage (its weights are about to be
     overwritten), built without running the random init; tied weights stay tied."""
-    from ..models import build_model
-
     with torch.device("meta"):
         model = build_model(config)
     first: dict[int, str] = {}

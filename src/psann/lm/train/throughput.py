@@ -1,13 +1,7 @@
 """FLOPs per token, device peak FLOP/s, MFU and peak memory; and the dry-run memory plan.
 
-FLOPs per token (training, forward + backward), as in PaLM (Chowdhery et al. 2022, appendix B):
-
-    6 * N  +  12 * n_layers * d_model * seq_len
-
-N counts the parameters that take part in matrix multiplies: every parameter except embedding
-lookups (a tied embedding is counted once, as the output head). The second term is attention's
-QK^T and AV products over a full window. Recomputation under activation checkpointing is not
-counted: MFU measures useful model FLOPs, not hardware FLOPs.
+FLOPs per token are each family's own estimate (models.layers.LanguageModel.flops_per_token: PaLM's
+6 N + 12 n_layers d_model seq_len unless the family says otherwise).
 """
 
 from __future__ import annotations
@@ -20,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..models import family
+from ..models.layers import LanguageModel
 
 # Dense peak TFLOP/s by device-name substring: (bf16/fp16 tensor cores, fp32 without TF32).
 # From the vendors' datasheets; the first match wins, so longer names come first.
@@ -40,26 +36,10 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 }
 
 
-def matmul_parameters(model: nn.Module) -> int:
-    """Parameters used in matrix multiplies (tied weights once; embedding lookups excluded unless
-    the embedding doubles as the output head)."""
-    seen, total = set(), 0
-    head = getattr(getattr(model, "lm_head", None), "weight", None)
-    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for p in model.parameters():
-        if id(p) in seen or (id(p) in lookups and p is not head):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
-
-
-def flops_per_token(model: nn.Module, config: ModelConfig, seq_len: int) -> int:
-    """Families whose cost is not the formula above (recurrent layers, H-Net stages) say their own."""
-    own = getattr(model, "flops_per_token", None)
-    if own is not None:
-        return own(seq_len)
-    return 6 * matmul_parameters(model) + 12 * config.n_layers * config.d_model * seq_len
+def flops_formula(model: LanguageModel) -> str:
+    """Where a model's FLOPs/token come from, for the logs and the dry run."""
+    own = type(model).flops_per_token is not LanguageModel.flops_per_token
+    return f"{type(model).__name__}.flops_per_token" if own else "6N + 12 L d T"
 
 
 def _cpu_peak_tflops(dtype: torch.dtype | None) -> float:
@@ -120,7 +100,7 @@ class MemoryPlan:
 def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
     """Bytes of optimizer state for the whole (unsharded) model."""
     total = 0
-    for p in {id(p): p for p in model.parameters()}.values():
+    for p in model.parameters():
         if optimizer == "adafactor":
             total += 4 * (sum(p.shape[-2:]) if p.ndim >= 2 else p.numel())  # row + column moments
         elif optimizer == "adamw8bit":
@@ -141,17 +121,10 @@ def activation_bytes_per_token(config: ModelConfig, grad_checkpoint: bool, half:
     upcast to fp32 for the loss.
     """
     a = 2 if half else 4
-    logits = (a + 4) * (config.vocab_size or 0)
-    if config.base == "hnet":  # each stage's blocks at its width, for the share of bytes that reach it
-        from ..models.hnet import stage_config
-
-        total, rate = logits, 1.0
-        targets = config.compression_targets + [1.0]
-        for width, blocks, target in zip(config.widths, config.num_blocks, targets):
-            total += _blocks_bytes(stage_config(config, width, sum(blocks)), a, grad_checkpoint) / rate
-            rate *= target
-        return int(total)
-    return _blocks_bytes(config, a, grad_checkpoint) + logits
+    total = (a + 4) * (config.vocab_size or 0)  # the logits
+    for stack, compression in family(config.base).block_stacks(config):  # one position per `compression` tokens
+        total += _blocks_bytes(stack, a, grad_checkpoint) / compression
+    return int(total)
 
 
 def _blocks_bytes(config: ModelConfig, a: int, grad_checkpoint: bool) -> int:
@@ -165,7 +138,7 @@ def memory_plan(model: nn.Module, config: ModelConfig, *, optimizer: str, shard_
                 micro_batch_tokens: int, grad_checkpoint: bool, half: bool) -> MemoryPlan:
     """Per-device memory: fp32 params and grads divided over `shard_factor` devices, optimizer
     state over `optimizer_shards`, activations for one micro-batch."""
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n = sum(p.numel() for p in model.parameters())
     gb = 2**30
     return MemoryPlan(
         params_gb=4 * n / shard_factor / gb,

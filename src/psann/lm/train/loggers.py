@@ -19,20 +19,12 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, did_you_mean
+from ..config import check_logger_names
+from ..errors import ConfigError
 from ..files import write_atomic
 
-LOGGERS = ("console", "jsonl", "csv", "tensorboard", "wandb")
-WANDB_MODES = ("offline", "online", "disabled")
 log = logging.getLogger("psann.lm")
 OPTIONAL = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # logger -> module its extra installs
-
-
-def check_logger_names(names: Iterable[str]) -> None:
-    for name in names:
-        if name not in LOGGERS:
-            raise ConfigError(f"'train.loggers' has unknown logger {name!r}.{did_you_mean(name, LOGGERS)} "
-                              f"Choices: {', '.join(LOGGERS)}.")
 
 
 def scalars(record: dict) -> dict[str, int | float]:

@@ -1,0 +1,145 @@
+"""Training data ready for the trainer: a tokenizer (trained or loaded) and train/validation
+windows, made from texts or files, a built dataset (`psannlm data build`) or SFT conversations."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import ConfigError, DataError
+from ..tokenizers import build_tokenizer, load_tokenizer, tokenizer_fingerprint
+from .loader import TokenWindows, WindowLoader
+from .sft import SFTWindows, encode_example, example_text, read_sft_jsonl
+from .shards import ShardedTokens, ShardLoader, ShardWindows
+from .text import iter_documents
+from .tokens import encode_corpus, split_documents_for_validation
+
+log = logging.getLogger("psann.lm")
+SMALL_DATA_WINDOWS = 8
+
+
+class PreparedData:
+    """A tokenizer and the windows it produced; `config` says how they were made (saved with the run)."""
+
+    def __init__(self, config: DataConfig, tokenizer, train_windows, val_windows=None):
+        self.config, self.tokenizer = config, tokenizer
+        self.train_windows, self.val_windows = train_windows, val_windows
+
+    @property
+    def sampling(self) -> str:
+        if self.config.sampling != "auto":
+            return self.config.sampling
+        return "random" if self.config.path else "shuffle"
+
+    def make_loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        """The training loader (state_dict/load_state_dict resume exactly)."""
+        if self.sampling == "shuffle":
+            return WindowLoader(self.train_windows, batch_size, seed=seed, rank=rank, world_size=world_size)
+        return ShardLoader(self.train_windows.data, self.max_length, batch_size, seed=seed, mode=self.sampling,
+                           bos_aligned=self.config.bos_aligned, rank=rank, world_size=world_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+
+def prepare_texts(texts: str | os.PathLike | Iterable[str | os.PathLike], config: DataConfig,
+                  val_texts: Iterable[str | os.PathLike] | None = None) -> PreparedData:
+    """Documents (strings or file paths) -> tokenizer trained on the training documents (or
+    loaded) -> windows. The split is by document (seeded); file corpora are tokenised into
+    memmaps under `config.cache_dir`."""
+    items = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
+    if not items:
+        raise DataError("psannLMDataPrep got no texts: pass a list of strings or file paths.")
+    files = [str(i) for i in items if isinstance(i, os.PathLike) or (isinstance(i, str) and os.path.isfile(i))]
+    if files:  # recorded so that a saved checkpoint can say what it was trained on
+        config = dataclasses.replace(config, train_files=files)
+    docs = list(iter_documents(items, config.doc_separator))
+    if val_texts is not None:
+        train_docs, val_docs = docs, list(iter_documents(val_texts, config.doc_separator))
+    else:
+        train_docs, val_docs = split_documents_for_validation(docs, config.val_split, config.seed)
+        del docs  # one copy fewer of a huge document while it is encoded
+    if not train_docs:
+        raise DataError("no training text: every document is empty. Pass non-empty strings or files.")
+    tok = build_tokenizer(config.tokenizer, train_docs, vocab_size=config.tokenizer_vocab_size,
+                          model_path=config.tokenizer_model_path)
+    cache = None
+    if files:
+        cache = Path(config.cache_dir) if config.cache_dir else Path(tempfile.mkdtemp(prefix="psann-data-"))
+    train_corpus = encode_corpus(train_docs, tok, cache / "train.bin" if cache else None)
+    val_corpus = encode_corpus(val_docs, tok, cache / "val.bin" if cache else None) if val_docs else None
+    train = TokenWindows(train_corpus, config.max_length, config.pack_sequences, tok.pad_id)
+    val = TokenWindows(val_corpus, config.max_length, config.pack_sequences, tok.pad_id) if val_corpus else None
+    if len(train) == 0:
+        raise DataError("the training text is too short to make one window (it needs at least 2 tokens).")
+    if len(train) < SMALL_DATA_WINDOWS:
+        log.warning("data: very small corpus: %d training window(s), %d target tokens; the model will memorise "
+                    "rather than learn. Add text for a meaningful run.", len(train), train.n_target_tokens)
+    log.info("data: %d train docs -> %s tokens, %d windows of %d; %d validation docs; tokenizer %s (vocab %d)",
+             len(train_docs), f"{train_corpus.n_tokens:,}", len(train), config.max_length, len(val_docs), tok.kind,
+             tok.vocab_size)
+    prepared = PreparedData(config, tok, train, val)
+    prepared.train_corpus, prepared.val_corpus = train_corpus, val_corpus
+    return prepared
+
+
+def prepare_built(config: DataConfig) -> PreparedData:
+    """A dataset made by `psannlm data build` at `config.path` (its shards, split and saved tokenizer)."""
+    path = config.path
+    tok = load_tokenizer(Path(path) / "tokenizer")
+    train = ShardedTokens(path, "train", expected_fingerprint=tokenizer_fingerprint(tok))
+    val = ShardedTokens(path, "val")
+    prepared = PreparedData(config, tok, ShardWindows(train, config.max_length),
+                            ShardWindows(val, config.max_length) if val.n_tokens >= 2 else None)
+    if len(prepared.train_windows) == 0:
+        raise DataError(f"{path}: the training shards hold fewer than 2 tokens.")
+    log.info("data: %s (%s train tokens in %d shard(s), %s val tokens); sampling %s%s", path, f"{train.n_tokens:,}",
+             len(train.shards), f"{val.n_tokens:,}", prepared.sampling, ", BOS-aligned" if config.bos_aligned else "")
+    return prepared
+
+
+def prepare_sft(paths: Sequence[str | os.PathLike], config: DataConfig, eos_padded_answers: bool = False) -> PreparedData:
+    """JSONL prompt/response pairs or chat conversations (see sft.py): the loss covers the answers;
+    `eos_padded_answers` (diffusion) pads them with EOS instead of ignoring the padding."""
+    examples = read_sft_jsonl(list(paths))
+    order = np.random.default_rng(config.seed).permutation(len(examples))
+    n_val = int(round(config.val_split * len(examples))) if len(examples) > 1 else 0
+    val_examples, train_examples = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+    config = dataclasses.replace(config, sft_files=[str(p) for p in paths])
+    tok = build_tokenizer(config.tokenizer, [example_text(e) for e in train_examples],
+                          vocab_size=config.tokenizer_vocab_size, model_path=config.tokenizer_model_path)
+
+    def windows(subset):
+        return SFTWindows([encode_example(tok, e) for e in subset], config.max_length, tok.pad_id, tok.eos_id,
+                          eos_padding=eos_padded_answers)
+
+    train = windows(train_examples)
+    if train.skipped:
+        log.warning("data: %d SFT example(s) dropped: no answer token fits in max_length=%d tokens.",
+                    train.skipped, config.max_length)
+    log.info("data: %d SFT examples for training, %d for validation (%s answer tokens); tokenizer %s (vocab %d)",
+             len(train), len(val_examples), f"{train.n_target_tokens:,}", tok.kind, tok.vocab_size)
+    return PreparedData(config, tok, train, windows(val_examples) if val_examples else None)
+
+
+def prepare_data(config: DataConfig, eos_padded_answers: bool = False) -> PreparedData:
+    """The data a config names: SFT files, a built dataset, or text files."""
+    if config.sft_files:
+        return prepare_sft(config.sft_files, config, eos_padded_answers)
+    if config.path:
+        return prepare_built(config)
+    if not config.train_files:
+        raise ConfigError("'data.train_files' is empty: list at least one text file to train on.")
+    return prepare_texts(config.train_files, config, config.val_files or None)
