@@ -136,3 +136,14 @@ def test_dickens_real_bad_bytes(caplog):
         text = read_text_file(path)
     assert "8 invalid UTF-8" in caplog.text and "166668" in caplog.text
     assert len(text) > 9_000_000
+
+
+def test_doc_separator_names_mean_the_same_in_every_reader(tmp_path):
+    from psann.lm.data.text import iter_documents, split_documents
+
+    text = "one story<|endoftext|>two\n\nthree"
+    assert split_documents(text, "eot") == split_documents(text, "<|endoftext|>") == ["one story", "two\n\nthree"]
+    assert split_documents(text, "blank") == ["one story<|endoftext|>two", "three"]
+    assert split_documents(text, "none") == [text]
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    assert list(iter_documents([tmp_path / "a.txt"], "eot")) == ["one story", "two\n\nthree"]

@@ -314,7 +314,7 @@ class DataConfig(_Validated):
     section: typing.ClassVar[str] = "data"
     train_files: list[str] = _opt(None, "Text files (UTF-8; bad bytes are replaced and counted) to train on.", factory=list)
     val_files: list[str] = _opt(None, "Optional held-out text files; when empty, val_split carves validation out of train_files.", factory=list)
-    doc_separator: str | None = _opt(None, "Splits each file into documents (e.g. '<|endoftext|>' or a blank line '\\n\\n'); default: one document per file.")
+    doc_separator: str | None = _opt(None, "Splits each file into documents: any string, or eot (<|endoftext|>), blank (a blank line), line (one per line), none; default: one document per file (the same names as `psannlm data build --separator`).")
     tokenizer: str = _opt("auto", "Tokenizer backend: auto (sentencepiece -> tokenizers -> char), byte, char (alias simple), bpe (from-scratch byte-level BPE, tiktoken engine), sentencepiece, tokenizers.", choices=TOKENIZER_KINDS)
     tokenizer_model_path: str | None = _opt(None, "Load this tokenizer (.model, tokenizer.json, or a saved tokenizer directory) instead of training one.")
     tokenizer_vocab_size: int | None = _opt(None, "Vocabulary size when training a subword tokenizer (a soft limit for tiny corpora).", min=8)
@@ -577,6 +577,7 @@ def config_reference_markdown() -> str:
         lines += [f"**`{name}`**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{f.name}` | `{json.dumps(_plain(default))}` | {f.metadata['help']} |")
+            meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the table cell
+            lines.append(f"| `{f.name}` | `{json.dumps(_plain(default))}` | {meaning} |")
         lines.append("")
     return "\n".join(lines)

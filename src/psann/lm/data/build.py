@@ -41,8 +41,8 @@ from ..files import DirectoryLock, fsync_dir, fsync_file, raise_os_error, read_j
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from ..workers import process_context
 from .filters import FILTER_ORDER, DedupState, FeatureExtractor, FilterConfig, eval_ngrams
-from .sources import SourceStats, iter_documents_from, resolve_inputs, resolve_separator
-from .text import LongDocument
+from .sources import SourceStats, iter_documents_from, resolve_inputs
+from .text import LongDocument, resolve_separator
 from .tokens import encode_documents, token_dtype
 
 log = logging.getLogger("psann.lm")
@@ -65,7 +65,7 @@ class BuildConfig:
     tokenizer: str
     out: str
     manifests: list[str] = field(default_factory=list)
-    separator: str | None = None          # see sources.resolve_separator
+    separator: str | None = None          # see text.resolve_separator
     text_key: str = "text"
     hf_dataset: str | None = None
     hf_split: str = "train"

@@ -18,9 +18,6 @@ from ..errors import DataError
 from ..files import jsonl_rows
 from .text import CountingDecoder, LongDocument, documents, split_pieces, text_blocks
 
-SEPARATOR_ALIASES = {"blank": "\n\n", "line": "\n", "eot": "<|endoftext|>", "none": None}
-
-
 @dataclass
 class SourceStats:
     """Counts gathered while reading, reported in the build index."""
@@ -28,14 +25,6 @@ class SourceStats:
     documents: int = 0
     empty_documents: int = 0
     invalid_utf8: int = 0
-
-
-def resolve_separator(separator: str | None) -> str | None:
-    """'blank' (a blank line), 'line' (one document per line), 'eot' (<|endoftext|>), 'none' (one
-    document per file), or any literal string."""
-    if separator is None:
-        return None
-    return SEPARATOR_ALIASES.get(separator, separator)
 
 
 def read_manifest(path: str | os.PathLike) -> list[str]:

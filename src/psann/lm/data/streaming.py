@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sources import iter_documents_from, resolve_inputs, resolve_separator
+from .sources import iter_documents_from, resolve_inputs
+from .text import resolve_separator
 
 
 class StreamingLMDataset(torch.utils.data.IterableDataset):

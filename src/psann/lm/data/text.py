@@ -172,7 +172,8 @@ def file_documents(path: str | os.PathLike, separator: str | None) -> Iterator[s
     """The non-empty documents of a text file as strings (newlines kept as they are)."""
     path = _checked_path(path)
     decoder = CountingDecoder()
-    for doc in documents(split_pieces(text_blocks(path, decoder, universal_newlines=False), separator)):
+    blocks = text_blocks(path, decoder, universal_newlines=False)
+    for doc in documents(split_pieces(blocks, resolve_separator(separator))):
         doc = doc.text() if isinstance(doc, LongDocument) else doc
         if doc:
             yield doc
@@ -185,7 +186,20 @@ def _looks_like_path(item: str) -> bool:
     return os.path.exists(item) or (" " not in item and (os.sep in item or item.lower().endswith(_TEXT_SUFFIXES)))
 
 
+SEPARATOR_ALIASES = {"blank": "\n\n", "line": "\n", "eot": "<|endoftext|>", "none": None}
+
+
+def resolve_separator(separator: str | None) -> str | None:
+    """The one meaning of a document separator, everywhere: 'blank' (a blank line), 'line' (one
+    document per line), 'eot' (<|endoftext|>), 'none' or None (one document per file or string),
+    or any other literal string."""
+    if separator is None:
+        return None
+    return SEPARATOR_ALIASES.get(separator, separator)
+
+
 def split_documents(text: str, separator: str | None) -> list[str]:
+    separator = resolve_separator(separator)
     parts = [text] if not separator else text.split(separator)
     return [p.strip() for p in parts if p.strip()]
 
