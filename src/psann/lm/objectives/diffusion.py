@@ -37,13 +37,12 @@ class MaskedDiffusion(Objective):
     eos_padded_answers = True
 
     def prepare(self, config, tokenizer):
-        """The mask token: one id after the tokenizer's (or the one asked for)."""
+        """The mask token: one id after the tokenizer's (or the one asked for); `config.vocab_size` is set."""
         mask_id = config.mask_token_id if config.mask_token_id is not None else tokenizer.vocab_size
         if mask_id in tokenizer.special_ids():
             raise ConfigError(f"mask_token_id={mask_id} is the tokenizer's pad/bos/eos/unk id; leave it unset to "
                               "append a mask token after the vocabulary.")
-        vocab = max(config.vocab_size or tokenizer.vocab_size, mask_id + 1)
-        return dataclasses.replace(config, mask_token_id=mask_id, vocab_size=vocab)
+        return dataclasses.replace(config, mask_token_id=mask_id, vocab_size=max(config.vocab_size, mask_id + 1))
 
     def batch(self, x, y, windows, pad_id):
         """A noised batch (the masks come from the global RNG, whose state checkpoints carry, so

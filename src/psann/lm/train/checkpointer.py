@@ -14,7 +14,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_gather_object, broadcast_object
+from .distributed import DistInfo, all_gather_object
 from .sharded import full_optimizer_state, on_main_rank, save_fsdp_checkpoint
 
 log = logging.getLogger("psann.lm")
@@ -95,11 +95,8 @@ class Checkpointer:
         return {"cpu": [c for c, _ in states], "cuda": [g for _, g in states]}
 
     def resume(self, where: str, scaler: torch.amp.GradScaler) -> dict:
-        """Load weights, optimizer, loss scaler and RNG state of checkpoint `where` ("latest": the
-        newest intact one, chosen by rank 0 so every rank resumes the same step); -> its trainer state."""
-        if where == "latest":
-            where = broadcast_object(str(ckpt.latest_checkpoint(self.root.parent)) if self.dist.is_main else None,
-                                     self.dist)
+        """Load weights, optimizer, loss scaler and RNG state of checkpoint `where` (train.run's
+        resolve_latest has made "latest" a path); -> its trainer state."""
         where = str(ckpt.resolve_checkpoint(where))
         check_resumable(where, self.config, self.tokenizer)
         state, rng = ckpt.load_training_state(where)

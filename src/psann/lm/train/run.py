@@ -135,15 +135,11 @@ def apply_start_checkpoint(config: RunConfig, info: DistInfo | None = None) -> R
     file; the trainer then refuses any named key that differs from the checkpoint's. "Names" means
     the keys of the config file and overrides (`RunConfig.given`). resume_from=latest becomes the
     newest intact checkpoint, chosen by rank 0 so that every rank starts from the same one."""
-    check_start(config)
+    config = resolve_latest(config, info)
     train = config.train
     source = train.init_from or train.resume_from
     if not source:
         return config
-    if source == "latest":
-        main = info is None or info.is_main
-        source = broadcast_object(str(ckpt.latest_checkpoint(train.checkpoint_dir)) if main else None, info or DistInfo())
-        train = dataclasses.replace(train, resume_from=source)
     source = str(ckpt.resolve_checkpoint(source))
     start = ckpt.read_checkpoint_config(source)
     model = _overlay(ModelConfig, start.model, config.model, config.given)
@@ -161,6 +157,18 @@ def apply_start_checkpoint(config: RunConfig, info: DistInfo | None = None) -> R
     return dataclasses.replace(config, model=model, data=data, train=train)
 
 
+def resolve_latest(config: RunConfig, info: DistInfo | None = None) -> RunConfig:
+    """resume_from=latest becomes the newest intact checkpoint of the run, chosen by rank 0 so that
+    every rank resumes the same step."""
+    check_start(config)
+    train = config.train
+    if train.resume_from != "latest":
+        return config
+    main = info is None or info.is_main
+    latest = broadcast_object(str(ckpt.latest_checkpoint(train.checkpoint_dir)) if main else None, info or DistInfo())
+    return dataclasses.replace(config, train=dataclasses.replace(train, resume_from=latest))
+
+
 def _overlay(section, theirs, mine, given: frozenset[str]):
     """`theirs` (a config section) with the keys of `mine` that `given` names."""
     named = {f.name: getattr(mine, f.name) for f in dataclasses.fields(section) if f"{section.section}.{f.name}" in given}
@@ -172,8 +180,8 @@ def resolve_run_config(config: RunConfig, info: DistInfo | None = None, *, data_
     the data cache inside the run directory (one per rank: ranks tokenise side by side), and the
     tokenizer a family needs (byte-level bases read bytes) when the tokenizer is left on auto."""
     info = info or DistInfo()
-    if not data_given:  # data prepared by the caller is what it is
-        config = apply_start_checkpoint(config, info)
+    # data prepared by the caller is what it is: only the checkpoint to resume is resolved
+    config = resolve_latest(config, info) if data_given else apply_start_checkpoint(config, info)
     train, data, model = config.train, config.data, config.model
     needs = check_model_config(model).tokenizer  # fails before any data is prepared
     if needs and data.tokenizer == "auto" and not (data.tokenizer_model_path or data.path):
