@@ -135,8 +135,8 @@ def main(argv=None) -> None:
     peer = best.get("transformer")
     result = {
         "question": __doc__.split("\n")[0],
-        "data": {"train": args.train, "valid": args.valid, "train_tokens": dp.train_corpus.n_tokens,
-                 "valid_tokens": dp.val_corpus.n_tokens, "tokenizer": f"byte-level BPE (tokenizers), vocab {dp.vocab_size}"},
+        "data": {"train": args.train, "valid": args.valid, "train_tokens": dp.train_windows.data.n_tokens,
+                 "valid_tokens": dp.val_windows.data.n_tokens, "tokenizer": f"byte-level BPE (tokenizers), vocab {dp.vocab_size}"},
         "setup": {"d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads, "seq": args.seq,
                   "batch_tokens": args.batch_tokens, "budget_s": args.budget_s, "lrs": lrs,
                   "precision": "bf16 autocast" if amp_dtype else "fp32", "schedule": "warmup 5%, cosine to lr/10",

@@ -68,7 +68,7 @@ def build_throughput(tmp: Path) -> dict:
 
 def write_random_shards(directory: Path, n_tokens: int, shard_tokens: int = 1 << 27) -> None:
     """A built-dataset directory of random uint16 tokens (BOS every 512 tokens) without tokenising."""
-    from psann.lm.data.build import FORMAT, FORMAT_VERSION, INDEX_FILE
+    from psann.lm.data.tokens import FORMAT, FORMAT_VERSION, INDEX_FILE
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -92,13 +92,14 @@ def write_random_shards(directory: Path, n_tokens: int, shard_tokens: int = 1 <<
 def loader_speed(directory: Path) -> dict:
     import torch
 
-    from psann.lm.data.shards import ShardedTokens, ShardLoader, get_batch
+    from psann.lm.data.shards import Loader, Windows
+    from psann.lm.data.shards import ShardedTokens, get_batch
 
     data = ShardedTokens(directory)
     in_memory = data.read(0, min(data.n_tokens, 1 << 26)).astype(np.uint16)
     out = {"batch": "32 x 1024 tokens"}
-    for name, make in (("shard_loader_random", lambda: ShardLoader(data, 1024, 32, mode="random")),
-                       ("shard_loader_sequential", lambda: ShardLoader(data, 1024, 32, mode="sequential"))):
+    for name, make in (("shard_loader_random", lambda: Loader(Windows(data, 1024), 32, mode="random")),
+                       ("shard_loader_sequential", lambda: Loader(Windows(data, 1024), 32, mode="sequential"))):
         loader, times = make(), []
         for _ in range(5):
             start = time.perf_counter()
@@ -118,12 +119,13 @@ def loader_speed(directory: Path) -> dict:
 
 
 def streaming_rss(directory: Path, n_tokens: int) -> dict:
-    from psann.lm.data.shards import ShardedTokens, ShardLoader
+    from psann.lm.data.shards import Loader, Windows
+    from psann.lm.data.shards import ShardedTokens
 
     data = ShardedTokens(directory)
     B, L = 64, 1024
     batches = n_tokens // (B * L)
-    loader = ShardLoader(data, L, B, mode="sequential")
+    loader = Loader(Windows(data, L), B, mode="sequential")
     before, peak, start = rss_mb(), 0.0, time.perf_counter()
     for i in range(batches):
         loader.next_batch()

@@ -64,8 +64,9 @@ def main(argv=None) -> None:
                              doc_separator="<|endoftext|>", val_texts=[valid], seed=args.seed)
     val_bytes = len("\n\n".join(val_docs).encode("utf-8"))
     # The floor a model reaches from token frequencies alone (add-one smoothed train unigram).
-    counts = np.bincount(np.asarray(dp.train_corpus.tokens), minlength=dp.vocab_size) + 1
-    unigram = float(-np.log(counts / counts.sum())[np.asarray(dp.val_corpus.tokens)].mean())
+    train, val = dp.train_windows.data, dp.val_windows.data
+    counts = np.bincount(train.read(0, train.n_tokens), minlength=dp.vocab_size) + 1
+    unigram = float(-np.log(counts / counts.sum())[val.read(0, val.n_tokens)].mean())
     common = dict(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
     runs = {}
     for objective in ("causal", "diffusion"):

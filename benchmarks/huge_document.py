@@ -33,7 +33,7 @@ import sys
 from psann.lm import psannLM, psannLMDataPrep
 path, steps, cache, run = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dp = psannLMDataPrep([path], tokenizer="byte", max_length=128, val_split=0.01, cache_dir=cache)
-print(dp.train_corpus.n_tokens, flush=True)
+print(dp.train_windows.data.n_tokens, flush=True)
 if steps:
     lm = psannLM(d_model=64, n_layers=2, n_heads=4)
     lm.fit(dp, max_steps=steps, batch_tokens=2048, eval_interval_steps=0, eval_batches=2, checkpoint_dir=run,
@@ -44,7 +44,7 @@ VERIFY_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from psann.lm.data.build import scan_shard
+from psann.lm.data.tokens import scan_shard
 path, gib = Path(sys.argv[1]), float(sys.argv[2])
 rng = np.random.default_rng(0)
 with open(path, "wb") as fh:

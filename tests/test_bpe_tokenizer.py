@@ -265,7 +265,7 @@ def test_registry_backend_trains_saves_and_reloads(tmp_path):
     tok = dp.tokenizer
     assert tok.kind == "bpe" and tok.vocab_size <= 400
     assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3
-    assert dp.train_corpus.tokens[0] == tok.bos_id
+    assert dp.train_windows.data.read(0, 1)[0] == tok.bos_id
     tok.save(tmp_path / "tok")
     again = load_tokenizer(tmp_path / "tok")
     sample = texts[0] + "<|endoftext|>" + texts[1]

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from psann.lm import psannLM, psannLMDataPrep
-from psann.lm.data.loader import IGNORE_INDEX
-from psann.lm.data.sft import SFTWindows
+from psann.lm.data.shards import IGNORE_INDEX
+from psann.lm.data.tokens import write_documents
+from psann.lm.data.shards import Windows
+from psann.lm.data.shards import ShardedTokens
 from psann.lm.errors import ConfigError, DataError
 from psann.lm.infer.chat import ChatSession
 from psann.lm.tokenizers import build_tokenizer, load_tokenizer, tokenizer_fingerprint
@@ -35,6 +37,13 @@ FACTS = [("What colour is the sky?", "The sky is blue."), ("Where do fish live?"
 @pytest.fixture(scope="module")
 def bpe():
     return build_tokenizer("bpe", TEXTS, vocab_size=320)
+
+
+def sft_windows(directory, tok, ids, trainable, max_length, eos_padding):
+    """The training windows of one encoded SFT example, as prepared data reads them."""
+    write_documents(directory, tok, {"train": [(ids, trainable)]}, masked=True)
+    pads = {"pad_id": tok.eos_id, "pad_target": tok.eos_id} if eos_padding else {"pad_id": tok.pad_id}
+    return Windows(ShardedTokens(directory), max_length, "examples", **pads)
 
 
 def test_bpe_tokenizer_reserves_role_tokens_and_renders_them_as_single_ids(bpe):
@@ -86,7 +95,7 @@ def test_template_matches_transformers_rendering(bpe, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "bpe-plain", "byte"])
-def test_only_assistant_tokens_are_targets(kind):
+def test_only_assistant_tokens_are_targets(tmp_path, kind):
     tok = build_tokenizer("byte" if kind == "byte" else "bpe", TEXTS + ["Blue. In water. " * 20], vocab_size=320)
     if kind == "bpe-plain":
         tok.chat_template = PLAIN_TEXT_TEMPLATE
@@ -102,7 +111,7 @@ def test_only_assistant_tokens_are_targets(kind):
     # The prompt a chat builds is exactly the training prefix before the last answer.
     prompt, _ = encode_conversation(tok, CONVERSATION[:4], add_generation_prompt=True)
     assert ids[:len(prompt)] == prompt and all(trainable[len(prompt):])
-    x, y = SFTWindows([(ids, trainable)], 256, tok.pad_id, tok.eos_id, eos_padding=False).batch([0])
+    x, y = sft_windows(tmp_path, tok, ids, trainable, 256, eos_padding=False).batch([0])
     scored = y[0][y[0] != IGNORE_INDEX].tolist()
     assert scored == targets and x[0, 0] == tok.bos_id
 
@@ -113,13 +122,14 @@ def test_char_tokenizer_learns_the_plain_template_role_names(tmp_path):
     dp = psannLMDataPrep.from_sft([path], tokenizer="char", max_length=256, val_split=0.0)
     ids, _ = encode_conversation(dp.tokenizer, CONVERSATION)
     assert dp.tokenizer.unk_id not in ids
+    assert dp.train_windows.data.masked and dp.train_windows.layout == "examples"  # built into masked shards
 
 
-def test_diffusion_sft_masks_only_assistant_turns_and_padding(bpe):
+def test_diffusion_sft_masks_only_assistant_turns_and_padding(tmp_path, bpe):
     from psann.lm.data.sft import response_positions
 
     ids, trainable = encode_conversation(bpe, CONVERSATION)
-    x, y = SFTWindows([(ids, trainable)], len(ids) + 5, bpe.pad_id, bpe.eos_id, eos_padding=True).batch([0])
+    x, y = sft_windows(tmp_path, bpe, ids, trainable, len(ids) + 5, eos_padding=True).batch([0])
     maskable = response_positions(y)[0].tolist()
     # x[t] may be masked exactly where it is an assistant token, or the EOS padding after the window's text
     assert maskable == trainable[:len(ids) - 1] + [True] * 6

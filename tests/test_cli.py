@@ -38,7 +38,7 @@ def test_train_cli_honours_config_and_overrides(trained_run):
     assert saved["train"]["lr"] == 2e-3 and saved["data"]["max_length"] == 128  # from the YAML file
     val = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
     assert [r["step"] for r in val] == [6, 12]
-    assert (out / "data" / "train.bin").exists()  # data.cache_dir defaults into the run directory
+    assert (out / "data" / "index.json").exists()  # data.cache_dir (a token-shard build) defaults into the run
 
 
 def test_generate_cli(trained_run):

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from psann.lm.data.build import INDEX_FILE, STATE_FILE, BuildConfig, ShardWriter, build_dataset
+from psann.lm.data.build import STATE_FILE, BuildConfig, build_dataset
+from psann.lm.data.tokens import INDEX_FILE, ShardWriter
 from psann.lm.data.demo_corpus import generate_stories
 from psann.lm.data.filters import FilterConfig
-from psann.lm.data.shards import ShardedTokens, ShardLoader, get_batch
+from psann.lm.data.shards import Loader, Windows
+from psann.lm.data.shards import ShardedTokens, get_batch
 from psann.lm.data.sources import resolve_inputs
 from psann.lm.data.streaming import StreamingLMDataset
 from psann.lm.errors import CheckpointError, DataError
@@ -199,10 +201,10 @@ def _shards(tmp_path, tok_dir, n=200):
 @pytest.mark.parametrize("aligned", [False, True])
 def test_loader_resumes_exactly(tmp_path, tok_dir, mode, aligned):
     data = _shards(tmp_path, tok_dir)
-    a = ShardLoader(data, 32, 4, seed=3, mode=mode, bos_aligned=aligned)
+    a = Loader(Windows(data, 32), 4, seed=3, mode=mode, bos_aligned=aligned)
     for _ in range(5):
         a.next_batch()
-    b = ShardLoader(data, 32, 4, seed=3, mode=mode, bos_aligned=aligned)
+    b = Loader(Windows(data, 32), 4, seed=3, mode=mode, bos_aligned=aligned)
     b.load_state_dict(a.state_dict())
     for _ in range(3):
         (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
@@ -211,15 +213,15 @@ def test_loader_resumes_exactly(tmp_path, tok_dir, mode, aligned):
         if aligned:
             assert (xa[:, 0] == data.bos_id).all()
     with pytest.raises(CheckpointError, match="seed"):
-        ShardLoader(data, 32, 4, seed=4, mode=mode, bos_aligned=aligned).load_state_dict(a.state_dict())
+        Loader(Windows(data, 32), 4, seed=4, mode=mode, bos_aligned=aligned).load_state_dict(a.state_dict())
 
 
 @pytest.mark.parametrize("mode", ["random", "sequential"])
 def test_rank_splits_are_disjoint_complete_and_world_size_free(tmp_path, tok_dir, mode):
     data = _shards(tmp_path, tok_dir)
     world, B, L = 3, 2, 32
-    ranks = [ShardLoader(data, L, B, mode=mode, seed=1, rank=r, world_size=world) for r in range(world)]
-    single = ShardLoader(data, L, B * world, mode=mode, seed=1)
+    ranks = [Loader(Windows(data, L), B, mode=mode, seed=1, rank=r, world_size=world) for r in range(world)]
+    single = Loader(Windows(data, L), B * world, mode=mode, seed=1)
     steps = data.n_tokens // L // (B * world)  # one epoch of sequential windows
     seen = [[] for _ in range(world)]
     for _ in range(steps):
@@ -232,7 +234,7 @@ def test_rank_splits_are_disjoint_complete_and_world_size_free(tmp_path, tok_dir
         assert all(not (starts[i] & starts[j]) for i in range(world) for j in range(i + 1, world))
         assert sum(map(len, starts)) == steps * B * world
     # resuming under another world size continues the same global stream
-    two = [ShardLoader(data, L, B * world // 2 if world % 2 == 0 else B, mode=mode, seed=1, rank=r, world_size=2)
+    two = [Loader(Windows(data, L), B * world // 2 if world % 2 == 0 else B, mode=mode, seed=1, rank=r, world_size=2)
            for r in range(2)]
     state = single.state_dict()
     for loader in two:
@@ -289,4 +291,4 @@ def test_training_on_a_built_dataset_resumes_exactly(tmp_path, tok_dir):
     b = load_file(tmp_path / "b/checkpoints/final/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "b/checkpoints/final/trainer_state.json").read_text())
-    assert state["loader"]["kind"] == "shards" and state["loader"]["consumed"] == 6 * 4
+    assert state["loader"]["mode"] == "sequential" and state["loader"]["consumed"] == 6 * 4

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import psann.lm.data.build as build_module
 import psann.lm.data.text as text_module
 import psann.lm.data.tokens as tokens_module
-from psann.lm.data.build import INDEX_FILE, SHARD_HASH, STATE_FILE, BuildConfig, ShardWriter, build_dataset, scan_shard
+from psann.lm.data.build import STATE_FILE, BuildConfig, build_dataset
+from psann.lm.data.tokens import INDEX_FILE, SHARD_HASH, ShardWriter, scan_shard
 from psann.lm.data.demo_corpus import generate_stories
 from psann.lm.data.filters import FilterConfig
-from psann.lm.data.shards import ShardedTokens, ShardLoader
+from psann.lm.data.shards import Loader, Windows
+from psann.lm.data.shards import ShardedTokens
 from psann.lm.data.text import CountingDecoder, LongDocument, documents, split_documents, split_pieces, text_blocks
 from psann.lm.errors import BusyError, DataError, StorageError
 from psann.lm.tokenizers import build_tokenizer
@@ -131,7 +132,7 @@ def test_ids_outside_the_vocabulary_are_named_even_with_a_fixed_hash(tmp_path, t
     _edit_index(out, lambda i: i["shards"]["train"][0].update({SHARD_HASH: digest}))  # a crafted dataset
     data = ShardedTokens(out)
     with pytest.raises(DataError, match=r"train_00000.bin holds token id 600: the ids exceed the vocabulary"):
-        ShardLoader(data, 16, 2, mode="sequential").next_batch()
+        Loader(Windows(data, 16), 2, mode="sequential").next_batch()
     _edit_index(out, lambda i: i["shards"]["train"][0].update(max_id=600))
     with pytest.raises(DataError, match="ids exceed the vocabulary"):  # from the index alone, on open
         ShardedTokens(out)
@@ -258,7 +259,7 @@ def test_unwritable_directory_names_the_path_and_the_cause(tmp_path, tok_dir, mo
     def no_permission(path, *args, **kw):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(build_module, "open", no_permission, raising=False)  # every shard file the build opens
+    monkeypatch.setattr(tokens_module, "open", no_permission, raising=False)  # every shard file the build opens
     with pytest.raises(StorageError, match=r"cannot write \S+/out/train_00000.bin: permission denied"):
         _build(tmp_path, tok_dir)
 
@@ -269,7 +270,7 @@ def test_disk_full_in_the_text_cache_names_the_file(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text(" ".join(STORIES[:5]), encoding="utf-8")
     real_open = open
     monkeypatch.setattr(tokens_module, "open", lambda p, m: _FillingFile(real_open(p, m), [10]), raising=False)
-    with pytest.raises(StorageError, match=r"disk full while writing \S+/cache/train.bin"):
+    with pytest.raises(StorageError, match=r"disk full while writing \S+/cache/train_00000.bin"):
         psannLMDataPrep([str(tmp_path / "a.txt")], tokenizer="byte", val_split=0, cache_dir=str(tmp_path / "cache"))
     assert list((tmp_path / "cache").iterdir()) == []  # no partial file left
 
@@ -603,4 +604,5 @@ def test_data_prep_streams_a_single_line_file(tmp_path, bpe, small_blocks):
     dp = psannLMDataPrep([str(tmp_path / "line.txt")], tokenizer="bpe", tokenizer_model_path=str(tmp_path / "tok"),
                          max_length=32, val_split=0, cache_dir=str(tmp_path / "cache"))
     assert max(small_blocks) < 200
-    assert dp.train_corpus.tokens.tolist() == bpe.encode(line, add_bos=True, add_eos=True)
+    data = dp.train_windows.data
+    assert data.read(0, data.n_tokens).tolist() == bpe.encode(line, add_bos=True, add_eos=True)

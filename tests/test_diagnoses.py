@@ -5,15 +5,15 @@ for nothing."""
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from psann.cli import main
 from psann.lm.config import ModelConfig, RunConfig
 from psann.lm.data.demo_corpus import generate_stories
-from psann.lm.data.loader import TokenWindows
-from psann.lm.data.tokens import TokenCorpus
+from psann.lm.data.tokens import write_documents
+from psann.lm.data.shards import Windows
+from psann.lm.data.shards import ShardedTokens
 from psann.lm.errors import DataError
 from psann.lm.eval.evaluate import evaluate_loss, evaluate_text, utf8_validity
 from psann.lm.objectives import objective_for
@@ -74,14 +74,15 @@ def test_eval_mc_on_a_file_without_rows_is_an_error(ckpt, files, capfd, name):
     assert f"{files / name} has no rows" in err
 
 
-def test_python_evaluation_of_nothing_raises(ckpt):
+def test_python_evaluation_of_nothing_raises(ckpt, tmp_path):
     from psann.lm.train.checkpoint import load_checkpoint
 
     model, tok, config = load_checkpoint(ckpt, "cpu")
     for docs in ([], ["", "  \n"]):
         with pytest.raises(DataError, match="no text to score"):
             evaluate_text(model, tok, docs, objective_for(config.model), 4, torch.device("cpu"))
-    empty = TokenWindows(TokenCorpus(np.zeros(0, np.int64), np.zeros(1, np.int64)), 32, True, tok.pad_id)
+    write_documents(tmp_path, tok, {"train": []})
+    empty = Windows(ShardedTokens(tmp_path), 32, pad_id=tok.pad_id)
     with pytest.raises(DataError, match="no text to score"):
         evaluate_loss(model, empty, 4, torch.device("cpu"))
     with pytest.raises(DataError, match="no questions to score"):

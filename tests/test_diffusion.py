@@ -224,6 +224,8 @@ def test_nelbo_bounds_the_true_nll_on_a_toy_model_and_the_estimate_is_unbiased()
     assert min(gaps) >= -1e-9 and max(gaps) > 1e-3  # NELBO >= NLL for every sequence, strictly for some
 
     class OneWindow:  # the windows interface evaluate_nelbo reads
+        masked = False  # not SFT data: every position may be masked
+
         def __len__(self):
             return 1
 

@@ -4,7 +4,6 @@ replayed metrics, runs that fail before they start, and (slow) a run killed at r
 import csv
 import json
 import math
-import os
 import random
 import signal
 import subprocess

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -11,7 +10,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .config import DataConfig, GenerateConfig, ModelConfig, RunConfig, TrainConfig
-from .data.prepare import PreparedData, prepare_built, prepare_data, prepare_sft, prepare_texts
+from .data.prepare import PreparedData, prepare_data
 from .errors import ConfigError, DataError, unknown_choice
 from .infer.generate import generate_text
 from .models import check_model_config, count_parameters
@@ -22,39 +21,37 @@ from .train import checkpoint as ckpt
 from .train.run import train
 from .train.trainer import resolve_device
 
-log = logging.getLogger("psann.lm")
-SMALL_DATA_WINDOWS = 8
-
-
 class psannLMDataPrep(PreparedData):
     """Documents -> trained (or loaded) tokenizer -> train/validation token windows.
 
     `texts` are strings or file paths. The split is by document (seeded); the tokenizer is trained
-    on the training documents only. File corpora are tokenised into memmaps under `cache_dir`.
+    on the training documents only. The documents are built into token shards under `cache_dir`
+    (default: a temporary directory). `config` instead prepares what a DataConfig names (the
+    classmethods below use it).
     """
 
-    def __init__(self, texts: str | os.PathLike | Iterable[str | os.PathLike], tokenizer: str = "auto",
+    def __init__(self, texts: str | os.PathLike | Iterable[str | os.PathLike] | None = None, tokenizer: str = "auto",
                  tokenizer_model_path: str | None = None, max_length: int = 256, pack_sequences: bool = True,
                  val_split: float = 0.1, seed: int = 1337, *, vocab_size: int | None = None,
                  doc_separator: str | None = None, val_texts: Iterable[str | os.PathLike] | None = None,
-                 cache_dir: str | None = None):
-        config = DataConfig(tokenizer=tokenizer, tokenizer_model_path=tokenizer_model_path,
-                            tokenizer_vocab_size=vocab_size, max_length=max_length, pack_sequences=pack_sequences,
-                            val_split=val_split, seed=seed, doc_separator=doc_separator, cache_dir=cache_dir)
-        self.__dict__.update(vars(prepare_texts(texts, config, val_texts)))
-
-    @classmethod
-    def _of(cls, prepared: PreparedData) -> "psannLMDataPrep":
-        self = object.__new__(cls)
-        self.__dict__.update(vars(prepared))
-        return self
+                 cache_dir: str | None = None, config: DataConfig | None = None, objective: str = "causal"):
+        if (texts is None) == (config is None):
+            raise DataError("psannLMDataPrep needs texts (a list of strings or file paths) or a DataConfig, not both.")
+        if config is None:
+            config = DataConfig(tokenizer=tokenizer, tokenizer_model_path=tokenizer_model_path,
+                                tokenizer_vocab_size=vocab_size, max_length=max_length, pack_sequences=pack_sequences,
+                                val_split=val_split, seed=seed, doc_separator=doc_separator, cache_dir=cache_dir)
+        if objective not in OBJECTIVES:
+            raise ConfigError(unknown_choice("objective", objective, OBJECTIVES))
+        prepared = prepare_data(config, texts, val_texts, eos_padded_answers=OBJECTIVES[objective].eos_padded_answers)
+        super().__init__(prepared.config, prepared.tokenizer, prepared.train_windows, prepared.val_windows)
 
     @classmethod
     def from_built(cls, path: str | os.PathLike, max_length: int = 256, *, sampling: str = "auto",
                    bos_aligned: bool = False, seed: int = 1337) -> "psannLMDataPrep":
         """Train on a dataset made by `psannlm data build` (its shards, split and saved tokenizer)."""
-        return cls._of(prepare_built(DataConfig(path=str(path), max_length=max_length, sampling=sampling,
-                                                bos_aligned=bos_aligned, seed=seed)))
+        return cls(config=DataConfig(path=str(path), max_length=max_length, sampling=sampling,
+                                     bos_aligned=bos_aligned, seed=seed))
 
     @classmethod
     def from_sft(cls, paths: Sequence[str | os.PathLike], tokenizer: str = "auto", tokenizer_model_path: str | None = None,
@@ -64,19 +61,15 @@ class psannLMDataPrep(PreparedData):
         the loss covers the answers (assistant turns, rendered with the tokenizer's chat template); for
         objective "diffusion" answers are padded with EOS and the rest is never masked. Fine-tuning a
         checkpoint: tokenizer_model_path=<checkpoint>/tokenizer."""
-        config = DataConfig(tokenizer=tokenizer, tokenizer_model_path=tokenizer_model_path,
-                            tokenizer_vocab_size=vocab_size, max_length=max_length, val_split=val_split, seed=seed)
-        return cls._of(prepare_sft(paths, config, _objective(objective).eos_padded_answers))
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        return cls(config=DataConfig(sft_files=[str(p) for p in paths], tokenizer=tokenizer,
+                                     tokenizer_model_path=tokenizer_model_path, tokenizer_vocab_size=vocab_size,
+                                     max_length=max_length, val_split=val_split, seed=seed), objective=objective)
 
     @classmethod
     def from_config(cls, config: DataConfig, objective: str = "causal") -> "psannLMDataPrep":
-        return cls._of(prepare_data(config, _objective(objective).eos_padded_answers))
-
-
-def _objective(name: str):
-    if name not in OBJECTIVES:
-        raise ConfigError(unknown_choice("objective", name, OBJECTIVES))
-    return OBJECTIVES[name]
+        return cls(config=config, objective=objective)
 
 
 class psannLM:

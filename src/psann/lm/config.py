@@ -322,7 +322,7 @@ class DataConfig(_Validated):
     pack_sequences: bool = _opt(True, "Pack documents (joined by BOS/EOS) into full windows; false = one document per window, padding masked.")
     val_split: float = _opt(0.1, "Fraction of documents held out for validation (by seed; a single document is split at its tail).", min=0.0, max=0.9)
     seed: int = _opt(1337, "Seed for the train/validation split.")
-    cache_dir: str | None = _opt(None, "Where token memmaps of file corpora are written (default: a temporary directory).")
+    cache_dir: str | None = _opt(None, "Where train_files (or sft_files) are built into token shards (default: data/ in the run directory for `psannlm train`, else a temporary directory).")
     path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
     sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path. random and sequential need data.path.", choices=("auto", "shuffle", "random", "sequential"))
     bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs data.path and sampling random or sequential).")

@@ -1,4 +1,5 @@
-"""Build a token dataset: sources -> filters -> tokenizer (worker processes) -> token shards.
+"""Build a token dataset: sources -> filters -> tokenizer (worker processes) -> token shards
+(the format is written by tokens.py).
 
 Output directory:
     index.json              dtype, vocab size, tokenizer fingerprint, shards, sources, filters, counts;
@@ -27,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,21 +37,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError, StorageError
-from ..files import DirectoryLock, fsync_dir, fsync_file, raise_os_error, read_json, temp_name, write_atomic
+from ..files import DirectoryLock, raise_os_error, read_json, write_atomic
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from ..workers import process_context
 from .filters import FILTER_ORDER, DedupState, FeatureExtractor, FilterConfig, eval_ngrams
 from .sources import SourceStats, iter_documents_from, resolve_inputs
 from .text import LongDocument, resolve_separator
-from .tokens import encode_documents, token_dtype
+from .tokens import INDEX_FILE, ShardWriter, encode_documents, index_head, token_dtype
 
 log = logging.getLogger("psann.lm")
-INDEX_FILE, STATE_FILE, FORMAT = "index.json", "build_state.json", "psann-token-shards"
-FORMAT_VERSION = 1
-# Hash of each shard file in the index. sha256 runs on the CPU's SHA instructions: 1.65 GB/s on the
-# 2-core EPYC where blake2b does 0.8 GB/s (docs/results/huge_document.md).
-SHARD_HASH = "sha256"
-_SCAN_BYTES = 1 << 23
+STATE_FILE = "build_state.json"
 _TASK_CHARS = 1 << 22  # characters of text per worker task at most (about), besides batch_docs
 
 
@@ -119,94 +114,6 @@ def _process(task: tuple[bool, list[tuple[int, str]]]) -> list[tuple]:
 
 
 # --- main side --------------------------------------------------------------------------------
-def scan_shard(path: Path, dtype: np.dtype) -> tuple[str, int]:
-    """(SHARD_HASH hex digest, largest token id or -1) of a shard file, in one pass."""
-    digest, top = hashlib.new(SHARD_HASH), -1
-    with open(path, "rb") as fh:
-        while block := fh.read(_SCAN_BYTES):
-            digest.update(block)
-            ids = np.frombuffer(block, dtype=dtype, count=len(block) // dtype.itemsize)
-            if ids.shape[0]:
-                top = max(top, int(ids.max()))
-    return digest.hexdigest(), top
-
-
-class ShardWriter:
-    """Appends documents to a temporary file of its own (files.temp_name); `close` renames it to
-    ``{split}_{n:05d}.bin`` and returns its index entry. OS errors name the shard and the cause."""
-
-    def __init__(self, out: Path, split: str, index: int, dtype: np.dtype, npy: bool):
-        self.out, self.split, self.index, self.dtype, self.npy = out, split, index, np.dtype(dtype), npy
-        self.name = f"{split}_{index:05d}"
-        self.path = out / f"{self.name}.bin"
-        self.tmp = temp_name(self.path)
-        self.tokens, self.doc_starts = 0, []
-        try:
-            self.fh = open(self.tmp, "wb")
-        except OSError as exc:
-            raise_os_error(exc, self.path, "writing")
-
-    def add(self, ids: np.ndarray) -> None:
-        """A whole document."""
-        self.begin()
-        self.write(ids)
-
-    def begin(self) -> None:
-        """Start a document, to be written in one or more `write`s."""
-        self.doc_starts.append(self.tokens)
-
-    def write(self, ids: np.ndarray) -> None:
-        try:
-            self.fh.write(ids.tobytes())
-        except OSError as exc:
-            raise_os_error(exc, self.path, "writing")
-        self.tokens += int(ids.shape[0])
-
-    def undo(self) -> None:
-        """Drop the document begun last (a filter removed it after part of it was written)."""
-        self.tokens = self.doc_starts.pop()
-        try:
-            self.fh.seek(self.tokens * self.dtype.itemsize)
-            self.fh.truncate()
-        except OSError as exc:
-            raise_os_error(exc, self.path, "writing")
-
-    def close(self) -> dict:
-        try:
-            return self._finish()
-        except OSError as exc:
-            raise_os_error(exc, self.path, "writing")
-
-    def _finish(self) -> dict:
-        self.fh.close()
-        digest, max_id = scan_shard(self.tmp, self.dtype)  # one pass over a file still in the page cache
-        docs = self.out / f"{self.name}.docs.npy"
-        self._save_npy(docs, np.asarray(self.doc_starts, dtype=np.int64))
-        if self.npy:
-            self._save_npy(self.out / f"{self.name}.npy", np.memmap(self.tmp, dtype=self.dtype, mode="r")
-                           if self.tokens else np.zeros(0, self.dtype))
-        fsync_file(self.tmp)
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.out)
-        return {"file": self.path.name, "docs_file": docs.name, "tokens": self.tokens,
-                "documents": len(self.doc_starts), "max_id": max_id, SHARD_HASH: digest}
-
-    @staticmethod
-    def _save_npy(path: Path, array: np.ndarray) -> None:
-        tmp = temp_name(path)
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-
-    def discard(self) -> None:
-        try:
-            self.fh.close()
-        except OSError:
-            pass  # a full disk may fail the last flush too; the file goes anyway
-        self.tmp.unlink(missing_ok=True)
-
-
 def _settings_key(cfg: BuildConfig, files: list[Path], fingerprint: str) -> str:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "progress", "overwrite", "out", "batch_docs")}
     settings["files"] = [(str(f), f.stat().st_size) for f in files]
@@ -441,11 +348,7 @@ def _write_index(cfg: BuildConfig, out: Path, files: list[Path], tokenizer, fing
         raise DataError(f"no training documents survived: {stats.documents} read, removed {removed}; "
                         f"relax the filters or check the inputs.")
     index = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": built.dtype.name,
-        "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-        "tokenizer": "tokenizer", "tokenizer_fingerprint": fingerprint, "tokenizer_kind": tokenizer.kind,
-        "shards": shards,
-        "tokens": {s: sum(x["tokens"] for x in shards[s]) for s in shards},
+        **index_head(tokenizer, built.dtype, fingerprint, shards),
         "documents": {"read": stats.documents, "empty_skipped": stats.empty_documents,
                       "kept": kept, "invalid_utf8_replaced": stats.invalid_utf8},
         "sources": [str(f) for f in files] + ([f"hf:{cfg.hf_dataset}:{cfg.hf_split}"] if cfg.hf_dataset else []),

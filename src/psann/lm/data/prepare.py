@@ -1,5 +1,7 @@
 """Training data ready for the trainer: a tokenizer (trained or loaded) and train/validation
-windows, made from texts or files, a built dataset (`psannlm data build`) or SFT conversations."""
+windows. Every source ends in the token-shard format `psannlm data build` writes: texts and
+files, and SFT conversations, are built into the data cache (`data.cache_dir`, inside the run
+directory for a configured run, else a temporary directory); a built dataset is read in place."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..tokenizers import build_tokenizer, load_tokenizer, tokenizer_fingerprint
-from .loader import TokenWindows, WindowLoader
-from .sft import SFTWindows, encode_example, example_text, read_sft_jsonl
-from .shards import ShardedTokens, ShardLoader, ShardWindows
+from .tokens import write_documents
+from .shards import Loader, Windows
+from .sft import encode_example, example_text, read_sft_jsonl
+from .shards import ShardedTokens
 from .text import iter_documents
-from .tokens import encode_corpus, split_documents_for_validation
+from .tokens import split_documents_for_validation
 
 log = logging.getLogger("psann.lm")
 SMALL_DATA_WINDOWS = 8
@@ -28,7 +31,7 @@ SMALL_DATA_WINDOWS = 8
 class PreparedData:
     """A tokenizer and the windows it produced; `config` says how they were made (saved with the run)."""
 
-    def __init__(self, config: DataConfig, tokenizer, train_windows, val_windows=None):
+    def __init__(self, config: DataConfig, tokenizer, train_windows: Windows, val_windows: Windows | None = None):
         self.config, self.tokenizer = config, tokenizer
         self.train_windows, self.val_windows = train_windows, val_windows
 
@@ -38,12 +41,10 @@ class PreparedData:
             return self.config.sampling
         return "random" if self.config.path else "shuffle"
 
-    def make_loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def make_loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Loader:
         """The training loader (state_dict/load_state_dict resume exactly)."""
-        if self.sampling == "shuffle":
-            return WindowLoader(self.train_windows, batch_size, seed=seed, rank=rank, world_size=world_size)
-        return ShardLoader(self.train_windows.data, self.max_length, batch_size, seed=seed, mode=self.sampling,
-                           bos_aligned=self.config.bos_aligned, rank=rank, world_size=world_size)
+        return Loader(self.train_windows, batch_size, seed=seed, mode=self.sampling, bos_aligned=self.config.bos_aligned,
+                      rank=rank, world_size=world_size)
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +53,36 @@ class PreparedData:
     @property
     def max_length(self) -> int:
         return self.config.max_length
+
+
+def _cache(config: DataConfig) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """Where texts or SFT examples are built: data.cache_dir, else a temporary directory (with
+    the handle that removes it once no reader of its shards is left)."""
+    if config.cache_dir:
+        return Path(config.cache_dir), None
+    temporary = tempfile.TemporaryDirectory(prefix="psann-data-")
+    return Path(temporary.name), temporary
+
+
+def _open_splits(directory: Path, config: DataConfig, tok, layout: str = "packed", *, pad_target: int | None = None,
+                 temporary: tempfile.TemporaryDirectory | None = None) -> tuple[Windows | None, Windows | None]:
+    """The train and val windows of the dataset at `directory` (None for a split of under 2 tokens)."""
+    pads = {"pad_id": tok.pad_id} if pad_target is None else {"pad_id": pad_target, "pad_target": pad_target}
+    windows = []
+    for split in ("train", "val"):
+        data = ShardedTokens(directory, split, expected_fingerprint=tokenizer_fingerprint(tok) if split == "train" else None)
+        data.temporary = temporary  # the directory lives as long as its readers
+        windows.append(Windows(data, config.max_length, layout, **pads) if data.n_tokens >= 2 else None)
+    return windows[0], windows[1]
+
+
+def text_windows(docs: Sequence[str], tokenizer, max_length: int) -> Windows:
+    """Packed windows over documents (for evaluation): a tiny build in a temporary directory."""
+    cache, temporary = _cache(DataConfig())
+    write_documents(cache, tokenizer, {"train": docs})
+    data = ShardedTokens(cache)
+    data.temporary = temporary
+    return Windows(data, max_length, pad_id=tokenizer.pad_id)
 
 
 def prepare_texts(texts: str | os.PathLike | Iterable[str | os.PathLike], config: DataConfig,
@@ -75,38 +106,32 @@ def prepare_texts(texts: str | os.PathLike | Iterable[str | os.PathLike], config
         raise DataError("no training text: every document is empty. Pass non-empty strings or files.")
     tok = build_tokenizer(config.tokenizer, train_docs, vocab_size=config.tokenizer_vocab_size,
                           model_path=config.tokenizer_model_path)
-    cache = None
-    if files:
-        cache = Path(config.cache_dir) if config.cache_dir else Path(tempfile.mkdtemp(prefix="psann-data-"))
-    train_corpus = encode_corpus(train_docs, tok, cache / "train.bin" if cache else None)
-    val_corpus = encode_corpus(val_docs, tok, cache / "val.bin" if cache else None) if val_docs else None
-    train = TokenWindows(train_corpus, config.max_length, config.pack_sequences, tok.pad_id)
-    val = TokenWindows(val_corpus, config.max_length, config.pack_sequences, tok.pad_id) if val_corpus else None
-    if len(train) == 0:
+    cache, temporary = _cache(config)
+    write_documents(cache, tok, {"train": train_docs, "val": val_docs}, sources=files)
+    train, val = _open_splits(cache, config, tok, "packed" if config.pack_sequences else "documents",
+                              temporary=temporary)
+    if train is None or len(train) == 0:
         raise DataError("the training text is too short to make one window (it needs at least 2 tokens).")
     if len(train) < SMALL_DATA_WINDOWS:
         log.warning("data: very small corpus: %d training window(s), %d target tokens; the model will memorise "
                     "rather than learn. Add text for a meaningful run.", len(train), train.n_target_tokens)
     log.info("data: %d train docs -> %s tokens, %d windows of %d; %d validation docs; tokenizer %s (vocab %d)",
-             len(train_docs), f"{train_corpus.n_tokens:,}", len(train), config.max_length, len(val_docs), tok.kind,
+             len(train_docs), f"{train.data.n_tokens:,}", len(train), config.max_length, len(val_docs), tok.kind,
              tok.vocab_size)
-    prepared = PreparedData(config, tok, train, val)
-    prepared.train_corpus, prepared.val_corpus = train_corpus, val_corpus
-    return prepared
+    return PreparedData(config, tok, train, val)
 
 
 def prepare_built(config: DataConfig) -> PreparedData:
     """A dataset made by `psannlm data build` at `config.path` (its shards, split and saved tokenizer)."""
     path = config.path
     tok = load_tokenizer(Path(path) / "tokenizer")
-    train = ShardedTokens(path, "train", expected_fingerprint=tokenizer_fingerprint(tok))
-    val = ShardedTokens(path, "val")
-    prepared = PreparedData(config, tok, ShardWindows(train, config.max_length),
-                            ShardWindows(val, config.max_length) if val.n_tokens >= 2 else None)
-    if len(prepared.train_windows) == 0:
+    train, val = _open_splits(Path(path), config, tok)
+    prepared = PreparedData(config, tok, train, val)
+    if train is None:
         raise DataError(f"{path}: the training shards hold fewer than 2 tokens.")
-    log.info("data: %s (%s train tokens in %d shard(s), %s val tokens); sampling %s%s", path, f"{train.n_tokens:,}",
-             len(train.shards), f"{val.n_tokens:,}", prepared.sampling, ", BOS-aligned" if config.bos_aligned else "")
+    log.info("data: %s (%s train tokens in %d shard(s), %s val tokens); sampling %s%s", path,
+             f"{train.data.n_tokens:,}", len(train.data.shards), f"{val.data.n_tokens if val else 0:,}",
+             prepared.sampling, ", BOS-aligned" if config.bos_aligned else "")
     return prepared
 
 
@@ -121,21 +146,26 @@ def prepare_sft(paths: Sequence[str | os.PathLike], config: DataConfig, eos_padd
     tok = build_tokenizer(config.tokenizer, [example_text(e) for e in train_examples],
                           vocab_size=config.tokenizer_vocab_size, model_path=config.tokenizer_model_path)
 
-    def windows(subset):
-        return SFTWindows([encode_example(tok, e) for e in subset], config.max_length, tok.pad_id, tok.eos_id,
-                          eos_padding=eos_padded_answers)
-
-    train = windows(train_examples)
+    cache, temporary = _cache(config)
+    write_documents(cache, tok, {"train": [encode_example(tok, e) for e in train_examples],
+                                 "val": [encode_example(tok, e) for e in val_examples]},
+                    masked=True, sources=config.sft_files)
+    train, val = _open_splits(cache, config, tok, "examples", pad_target=tok.eos_id if eos_padded_answers else None,
+                              temporary=temporary)
     if train.skipped:
         log.warning("data: %d SFT example(s) dropped: no answer token fits in max_length=%d tokens.",
                     train.skipped, config.max_length)
     log.info("data: %d SFT examples for training, %d for validation (%s answer tokens); tokenizer %s (vocab %d)",
              len(train), len(val_examples), f"{train.n_target_tokens:,}", tok.kind, tok.vocab_size)
-    return PreparedData(config, tok, train, windows(val_examples) if val_examples else None)
+    return PreparedData(config, tok, train, val)
 
 
-def prepare_data(config: DataConfig, eos_padded_answers: bool = False) -> PreparedData:
-    """The data a config names: SFT files, a built dataset, or text files."""
+def prepare_data(config: DataConfig, texts: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+                 val_texts: Iterable[str | os.PathLike] | None = None, eos_padded_answers: bool = False) -> PreparedData:
+    """The data `texts` give (strings or file paths), else the data the config names: SFT files,
+    a built dataset, or text files."""
+    if texts is not None:
+        return prepare_texts(texts, config, val_texts)
     if config.sft_files:
         return prepare_sft(config.sft_files, config, eos_padded_answers)
     if config.path:

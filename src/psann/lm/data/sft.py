@@ -5,7 +5,8 @@ A JSONL line is either `{"prompt": ..., "response": ...}` or a conversation
 `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`.
 A pair becomes [BOS prompt response EOS]; a conversation is rendered by the tokenizer's chat
 template (BOS first) and only the assistant turns (their content and end-of-turn marker) are
-targets. Each example is cut to max_length + 1 tokens from the right, then padded. Causal
+targets. Examples are built into token shards with their target flags and read as "examples"
+windows (loader.Windows): each cut to max_length + 1 tokens from the right, then padded. Causal
 models: other targets and padding are IGNORE_INDEX. Diffusion models (`eos_padding`): the
 window is padded with EOS and those EOS count as answer tokens (the model learns where an
 answer ends); the objective never masks the rest (see `response_positions`).
@@ -16,13 +17,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import DataError
 from ..files import jsonl_rows
 from ..tokenizers.chat import check_messages, encode_conversation
-from .loader import IGNORE_INDEX
+from .shards import IGNORE_INDEX
 
 
 Example = tuple[str, str] | list[dict[str, str]]  # a (prompt, response) pair or a conversation
@@ -68,45 +68,6 @@ def encode_example(tok, example: Example) -> tuple[list[int], list[bool]]:
         prompt, response = tok.encode(example[0], add_bos=True), tok.encode(example[1], add_eos=True)
         return prompt + response, [False] * len(prompt) + [True] * len(response)
     return encode_conversation(tok, example)
-
-
-class SFTWindows:
-    """The window interface of TokenWindows (len, batch, max_length) over encoded examples:
-    (ids, trainable) where trainable[j] says whether ids[j] is a target."""
-
-    def __init__(self, examples: list[tuple[list[int], list[bool]]], max_length: int, pad_id: int, eos_id: int,
-                 eos_padding: bool):
-        self.max_length, self.pad_id, self.eos_id, self.eos_padding = max_length, pad_id, eos_id, eos_padding
-        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
-        for ids, trainable in examples:
-            target = np.asarray(trainable[:max_length + 1], dtype=bool)
-            if not target[1:].any():  # no answer token inside the window
-                continue
-            self.rows.append((np.asarray(ids[:max_length + 1], dtype=np.int64), target))
-        self.skipped = len(examples) - len(self.rows)
-        if not self.rows:
-            raise DataError(f"no example has an answer token within max_length ({max_length}) tokens; "
-                            "raise data.max_length.")
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def n_target_tokens(self) -> int:
-        return sum(int(target[1:].sum()) for _, target in self.rows)
-
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        L = self.max_length
-        fill = self.eos_id if self.eos_padding else self.pad_id
-        x = torch.full((len(indices), L), fill, dtype=torch.long)
-        y = torch.full((len(indices), L), self.eos_id if self.eos_padding else IGNORE_INDEX, dtype=torch.long)
-        for row, i in enumerate(indices):
-            ids, target = self.rows[int(i)]
-            w = torch.from_numpy(ids)
-            n = len(w) - 1
-            x[row, :n] = w[:-1]
-            y[row, :n] = torch.where(torch.from_numpy(target[1:]), w[1:], IGNORE_INDEX)
-        return x, y
 
 
 def response_positions(y: torch.Tensor) -> torch.Tensor:

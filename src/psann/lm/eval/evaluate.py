@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from ..config import GenerateConfig
-from ..data.loader import TokenWindows
-from ..data.tokens import encode_corpus
+from ..data.shards import Windows
+from ..data.prepare import text_windows
 from ..errors import DataError
 from ..objectives import Objective
 from ..objectives.base import Autocast
@@ -23,7 +23,7 @@ from ..objectives.causal import evaluate_counts
 NOTHING_TO_SCORE = "no text to score: {}; evaluate on data with text in it."
 
 
-def evaluate_loss(model: nn.Module, windows: TokenWindows, batch_size: int, device: torch.device,
+def evaluate_loss(model: nn.Module, windows: Windows, batch_size: int, device: torch.device,
                   autocast: Autocast = contextlib.nullcontext, max_batches: int | None = None) -> tuple[float, int]:
     """Mean cross-entropy (nats/token) over every target token of `windows`, in order."""
     counts = evaluate_counts(model, windows, batch_size, device, autocast, max_batches)
@@ -65,8 +65,7 @@ def evaluate_text(model: nn.Module, tokenizer, docs: Sequence[str], objective: O
     """
     if not any(d.strip() for d in docs):
         raise DataError(NOTHING_TO_SCORE.format("there are no documents, or every one is empty or only whitespace"))
-    corpus = encode_corpus(list(docs), tokenizer)
-    windows = TokenWindows(corpus, objective.config.max_seq_len, True, tokenizer.pad_id)
+    windows = text_windows(list(docs), tokenizer, objective.config.max_seq_len)
     n_bytes = sum(len(d.encode("utf-8", errors="surrogatepass")) for d in docs)
     scores = objective.summary(objective.validation_sums(model, windows, batch_size, device, pad_id=tokenizer.pad_id,
                                                          draws=mc_draws, seed=seed))

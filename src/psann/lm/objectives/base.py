@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import GenerateConfig, ModelConfig
-from ..data.loader import IGNORE_INDEX, TokenWindows
+from ..data.shards import IGNORE_INDEX, Windows
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 StopCheck = Callable[[int, list[int]], bool]
@@ -71,7 +71,7 @@ def causal_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smooth
     return cross_entropy_sum(logits, targets, label_smoothing), int((targets != IGNORE_INDEX).sum())
 
 
-def rank_batches(windows: TokenWindows, batch_size: int, max_batches: int | None, rank: int, world_size: int):
+def rank_batches(windows: Windows, batch_size: int, max_batches: int | None, rank: int, world_size: int):
     """This rank's share of `windows` (every world_size-th one) in batches -> (x, y, real rows).
     All ranks get the same number of equally sized batches, as sharded models need: a short last
     batch is padded with copies of window 0 after its `real` rows, which callers must not count."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..config import GenerateConfig
-from ..data.loader import IGNORE_INDEX
+from ..data.shards import IGNORE_INDEX
 from .base import Autocast, Objective, cross_entropy_sum, rank_batches
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.loader import IGNORE_INDEX, TokenWindows
-from ..data.sft import SFTWindows, response_positions
+from ..data.shards import IGNORE_INDEX, Windows
+from ..data.sft import response_positions
 from ..errors import ConfigError
 from .base import Autocast, Objective, rank_batches
 
@@ -47,7 +47,7 @@ class MaskedDiffusion(Objective):
     def batch(self, x, y, windows, pad_id):
         """A noised batch (the masks come from the global RNG, whose state checkpoints carry, so
         resumes are exact). Fine-tuning data masks only response tokens; padding is never masked."""
-        if isinstance(windows, SFTWindows):
+        if windows.masked:
             maskable = response_positions(y)
         else:
             maskable = x != pad_id if bool((x == pad_id).any()) else None
@@ -149,7 +149,7 @@ def diffusion_loss_sum(logits: torch.Tensor, batch: DiffusionBatch) -> torch.Ten
 
 # -- the held-out bound ---------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_nelbo(model: nn.Module, windows: TokenWindows, batch_size: int, device: torch.device, *, mask_id: int,
+def evaluate_nelbo(model: nn.Module, windows: Windows, batch_size: int, device: torch.device, *, mask_id: int,
                    draws: int = 16, seed: int = 0, pad_id: int | None = None, max_batches: int | None = None,
                    autocast: Autocast = contextlib.nullcontext,
                    rank: int = 0, world_size: int = 1) -> dict[str, float]:
@@ -168,7 +168,7 @@ def evaluate_nelbo(model: nn.Module, windows: TokenWindows, batch_size: int, dev
     generator = torch.Generator().manual_seed(seed)
     total, tokens, variance = 0.0, 0, 0.0
     for x, y, n_real in rank_batches(windows, batch_size, max_batches, rank, world_size):
-        if isinstance(windows, SFTWindows):  # fine-tuning data: the bound of the responses given their prompts
+        if windows.masked:  # fine-tuning data: the bound of the responses given their prompts
             real = response_positions(y)
         else:
             real = torch.ones(x.shape, dtype=torch.bool) if pad_id is None else x != pad_id

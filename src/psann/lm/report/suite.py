@@ -234,7 +234,7 @@ def measure_memory(dp, model_config, s: SuiteSettings) -> dict:
     checkpointing, at the trainer's precision."""
     import torch  # lazy: torch; psann.cli imports this module at start-up
 
-    from ..data.loader import WindowLoader
+    from ..data.shards import Loader
     from ..models import build_model
     from ..objectives import causal_lm_loss_sum
     from ..profiling import SavedTensorBytes
@@ -245,7 +245,7 @@ def measure_memory(dp, model_config, s: SuiteSettings) -> dict:
     device = torch.device(s.device)
     amp = resolve_amp("auto", device)
     windows = max(1, s.batch_tokens // s.max_length)
-    x, y = (t.to(device) for t in WindowLoader(dp.train_windows, windows, seed=s.seed).next_batch())
+    x, y = (t.to(device) for t in Loader(dp.train_windows, windows, seed=s.seed).next_batch())
     rows = []
     for grad_checkpoint in (False, True):
         torch.manual_seed(s.seed)

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..config import DataConfig, ModelConfig, RunConfig
-from ..data.build import INDEX_FILE, BuildConfig, build_dataset
+from ..data.build import BuildConfig, build_dataset
+from ..data.tokens import INDEX_FILE
 from ..data.prepare import PreparedData, prepare_data
 from ..data.sources import resolve_inputs
 from ..errors import ConfigError

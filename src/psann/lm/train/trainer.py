@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
-from ..data.loader import TokenWindows, WindowLoader
+from ..data.shards import Loader, Windows
 from ..errors import ConfigError, TrainingError
 from ..objectives import objective_for
 from ..profiling import memory_snapshot_from_env, nvtx_range
@@ -84,8 +84,8 @@ class Trainer:
     """One training run, in one process or as one rank of a torchrun job, in `config.train.checkpoint_dir`
     (`train()` chooses and locks it, and joins the process group; `dist` describes the group)."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: RunConfig, train_windows: TokenWindows,
-                 val_windows: TokenWindows | None = None, make_loader=None, dist: DistInfo | None = None):
+    def __init__(self, model: nn.Module, tokenizer, config: RunConfig, train_windows: Windows,
+                 val_windows: Windows | None = None, make_loader=None, dist: DistInfo | None = None):
         """`make_loader(batch_size, seed, rank, world_size)` builds the training loader (default:
         shuffled windows)."""
         cfg = config.train
@@ -107,7 +107,7 @@ class Trainer:
         self.model = model.to(device)
         self.train_windows, self.val_windows = train_windows, (val_windows if val_windows and len(val_windows) else None)
         self.plan = plan_batches(cfg, train_windows.max_length, len(train_windows), device, self.dist.world_size)
-        make_loader = make_loader or (lambda batch_size, seed, rank, world_size: WindowLoader(
+        make_loader = make_loader or (lambda batch_size, seed, rank, world_size: Loader(
             train_windows, batch_size, seed=seed, rank=rank, world_size=world_size))
         self.loader = make_loader(self.plan.micro_batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
         self.step, self.tokens_seen, self.best_val, self.bad_steps, self.skipped_steps = 0, 0, math.inf, 0, 0
