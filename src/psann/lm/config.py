@@ -324,11 +324,18 @@ class DataConfig(_Validated):
     seed: int = _opt(1337, "Seed for the train/validation split.")
     cache_dir: str | None = _opt(None, "Where train_files (or sft_files) are built into token shards (default: data/ in the run directory for `psannlm train`, else a temporary directory).")
     path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
-    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path. random and sequential need data.path.", choices=("auto", "shuffle", "random", "sequential"))
+    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path or train_token_files. random and sequential need data.path or train_token_files.", choices=("auto", "shuffle", "random", "sequential"))
     bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs data.path and sampling random or sequential).")
+    train_token_files: list[str] = _opt(None, "Arrays of token ids (.npy, as `psannlm tokenizer encode` writes them) to train on as one packed stream each, instead of train_files; the tokenizer is data.tokenizer_model_path, or the one saved beside the first array (X.tokenizer/ for X.npy).", factory=list)
+    val_token_files: list[str] = _opt(None, "Held-out arrays of token ids for train_token_files (same tokenizer).", factory=list)
     sft_files: list[str] = _opt(None, "Supervised fine-tuning: JSONL files of {\"prompt\", \"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]} lines (rendered with the tokenizer's chat template), instead of train_files; the loss covers responses / assistant turns only (diffusion: the rest never masked, answers padded with EOS). With train.init_from the checkpoint's tokenizer is used.", factory=list)
 
     def check(self) -> None:
+        if self.train_token_files or self.val_token_files:
+            clash = [k for k in ("train_files", "val_files", "path", "sft_files", "doc_separator") if getattr(self, k)]
+            if clash or not self.train_token_files:
+                raise ConfigError("'data.train_token_files' is a dataset of its own (with val_token_files); remove "
+                                  f"{', '.join('data.' + k for k in clash) or 'val_token_files, or add train_token_files'}.")
         if self.sft_files:
             clash = [k for k in ("train_files", "val_files", "path", "doc_separator") if getattr(self, k)]
             if clash:
@@ -339,9 +346,10 @@ class DataConfig(_Validated):
             if clash:
                 raise ConfigError(f"'data.path' trains on a built dataset with its own tokenizer and split; remove "
                                   f"{', '.join('data.' + k for k in clash)} (or drop data.path to train on text files).")
-        elif self.sampling in ("random", "sequential") or self.bos_aligned:
+        elif (self.sampling in ("random", "sequential") or self.bos_aligned) and not self.train_token_files:
             raise ConfigError("'data.sampling' random/sequential and 'data.bos_aligned' read built token shards: set "
-                              "data.path (make one with `psannlm data build`), or use sampling auto/shuffle.")
+                              "data.path (make one with `psannlm data build`) or data.train_token_files, or use "
+                              "sampling auto/shuffle.")
         if self.bos_aligned and self.sampling == "shuffle":
             raise ConfigError("'data.bos_aligned' works with sampling random or sequential, not shuffle.")
 

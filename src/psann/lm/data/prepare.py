@@ -22,7 +22,7 @@ from .shards import Loader, Windows
 from .sft import encode_example, example_text, read_sft_jsonl
 from .shards import ShardedTokens
 from .text import iter_documents
-from .tokens import split_documents_for_validation
+from .tokens import split_documents_for_validation, token_array_tokenizer
 
 log = logging.getLogger("psann.lm")
 SMALL_DATA_WINDOWS = 8
@@ -39,7 +39,7 @@ class PreparedData:
     def sampling(self) -> str:
         if self.config.sampling != "auto":
             return self.config.sampling
-        return "random" if self.config.path else "shuffle"
+        return "random" if self.config.path or self.config.train_token_files else "shuffle"
 
     def make_loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Loader:
         """The training loader (state_dict/load_state_dict resume exactly)."""
@@ -160,6 +160,49 @@ def prepare_sft(paths: Sequence[str | os.PathLike], config: DataConfig, eos_padd
     return PreparedData(config, tok, train, val)
 
 
+def read_token_array(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
+    """A 1-D .npy array of token ids, memory-mapped, every id checked to lie in the vocabulary."""
+    path = Path(path)
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npy array ({exc}).") from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise DataError(f"{path} holds a {ids.ndim}-D {ids.dtype} array; a token array is 1-D integer ids.")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise DataError(f"{path} holds token id {int(ids.max()) if ids.max() >= vocab_size else int(ids.min())}, "
+                        f"outside the tokenizer's {vocab_size} ids: it was encoded with another tokenizer; name that "
+                        "one with data.tokenizer_model_path (--tokenizer).")
+    return ids
+
+
+def prepare_token_files(config: DataConfig) -> PreparedData:
+    """Arrays of token ids, each trained on as one packed stream (as nanoGPT and CS336 do), with the
+    tokenizer they were encoded with."""
+    for path in [*config.train_token_files, *config.val_token_files]:
+        if not Path(path).is_file():
+            raise DataError(f"token array {path} not found; write one with `psannlm tokenizer encode --input TEXT "
+                            f"--vocab VOCAB.json --merges MERGES.txt --output {path}`.")
+    first = config.train_token_files[0]
+    source = config.tokenizer_model_path or token_array_tokenizer(first)
+    if not Path(source).exists():
+        raise DataError(f"no tokenizer for {first}: {source} does not exist. Pass the tokenizer the ids came from "
+                        "(--tokenizer DIR, or data.tokenizer_model_path: a tokenizer directory, or one holding "
+                        "vocab.json + merges.txt).")
+    tok = build_tokenizer(config.tokenizer, model_path=source)
+    cache, temporary = _cache(config)
+    splits = {"train": [read_token_array(p, tok.vocab_size) for p in config.train_token_files],
+              "val": [read_token_array(p, tok.vocab_size) for p in config.val_token_files]}
+    write_documents(cache, tok, splits, encoded=True, sources=[*config.train_token_files, *config.val_token_files])
+    train, val = _open_splits(cache, config, tok, temporary=temporary)
+    if train is None:
+        raise DataError(f"{', '.join(config.train_token_files)}: fewer than 2 tokens to train on.")
+    log.info("data: %s train / %s val tokens from %d + %d token array(s); tokenizer %s (vocab %d)",
+             f"{train.data.n_tokens:,}", f"{val.data.n_tokens if val else 0:,}", len(config.train_token_files),
+             len(config.val_token_files), tok.kind, tok.vocab_size)
+    return PreparedData(config, tok, train, val)
+
+
 def prepare_data(config: DataConfig, texts: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
                  val_texts: Iterable[str | os.PathLike] | None = None, eos_padded_answers: bool = False) -> PreparedData:
     """The data `texts` give (strings or file paths), else the data the config names: SFT files,
@@ -170,6 +213,8 @@ def prepare_data(config: DataConfig, texts: str | os.PathLike | Iterable[str | o
         return prepare_sft(config.sft_files, config, eos_padded_answers)
     if config.path:
         return prepare_built(config)
+    if config.train_token_files:
+        return prepare_token_files(config)
     if not config.train_files:
         raise ConfigError("'data.train_files' is empty: list at least one text file to train on.")
     return prepare_texts(config.train_files, config, config.val_files or None)

@@ -190,11 +190,12 @@ def index_head(tokenizer, dtype: np.dtype, fingerprint: str, shards: dict[str, l
 
 
 def write_documents(out: str | os.PathLike, tokenizer, splits: dict[str, Iterable], *, masked: bool = False,
-                    sources: Iterable[str] = ()) -> dict:
+                    encoded: bool = False, sources: Iterable[str] = ()) -> dict:
     """A small build, without filters or workers, in the format `build_dataset` writes: each
     split's documents into one shard. Texts (str or LongDocument) are encoded here, a long one
-    as it streams; with `masked`, documents come encoded as (ids, target flags) pairs (SFT).
-    Training on texts or SFT files builds them this way into the run's data cache."""
+    as it streams; with `encoded`, documents are arrays of ids written as they are (token
+    arrays); with `masked`, (ids, target flags) pairs (SFT). Training on texts, token arrays or
+    SFT files builds them this way into the run's data cache."""
     out = Path(out)
     dtype = token_dtype(tokenizer.vocab_size)
     try:
@@ -209,6 +210,11 @@ def write_documents(out: str | os.PathLike, tokenizer, splits: dict[str, Iterabl
             if masked:
                 for ids, flags in docs:
                     writer.add(np.asarray(ids, dtype=dtype), flags)
+            elif encoded:
+                for ids in docs:
+                    writer.begin()
+                    for start in range(0, len(ids), 1 << 24):  # a memory-mapped array, a piece at a time
+                        writer.write(np.asarray(ids[start:start + (1 << 24)], dtype=dtype))
             else:
                 for arrays in encode_documents(docs, tokenizer, dtype):
                     writer.begin()
@@ -224,6 +230,11 @@ def write_documents(out: str | os.PathLike, tokenizer, splits: dict[str, Iterabl
     index = {**index_head(tokenizer, dtype, tokenizer_fingerprint(tokenizer), shards), "sources": list(sources)}
     write_atomic(out / INDEX_FILE, json.dumps(index, indent=2))
     return index
+
+
+def token_array_tokenizer(path: str | os.PathLike) -> Path:
+    """Where `psannlm tokenizer encode` saves the tokenizer of X.npy: X.tokenizer/ beside it."""
+    return Path(path).with_suffix(".tokenizer")
 
 
 def split_documents_for_validation(docs: list[str], val_split: float, seed: int) -> tuple[list[str], list[str]]:

@@ -39,6 +39,7 @@ GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| 
                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 BLOCK_CHARS = 1 << 20  # ~1M characters per pre-tokenisation task
 MAX_VOCAB = 0x10FFFF  # the merge loop holds token ids as str characters
+TOP_K = 10  # pairs and pre-tokens listed at LOG_LEVEL=DEBUG
 
 
 def _special_splitter(special_tokens: Sequence[str]):
@@ -139,12 +140,18 @@ def bpe_merges(word_counts: dict[bytes, int], n_merges: int, first_id: int,
     heapq.heapify(heap)
     merges: list[tuple[bytes, bytes]] = []
     next_id = max(vocab) + 1
+    debug = log.isEnabledFor(logging.DEBUG)
+    report_every = max(1, n_merges // 10)
     bar = tqdm(total=n_merges, disable=not progress, unit="merge", desc="bpe")
     while len(merges) < n_merges and heap:
         neg_count, _, _, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg_count:
             continue
         a, b = ord(pair[0]), ord(pair[1])
+        if debug:
+            if len(merges) % report_every == 0:  # LOG_LEVEL=DEBUG: the pair table every tenth of the run
+                _log_top_pairs(pair_counts, vocab, len(merges))
+            log.debug("bpe: merge %d: %r + %r (count %d)", len(merges) + 1, vocab[a], vocab[b], -neg_count)
         new = chr(next_id)
         vocab[next_id] = vocab[a] + vocab[b]
         order[next_id] = _descending_key(vocab[next_id])
@@ -194,6 +201,12 @@ def bpe_merges(word_counts: dict[bytes, int], n_merges: int, first_id: int,
     return merges
 
 
+def _log_top_pairs(pair_counts: dict[str, int], vocab: dict[int, bytes], done: int) -> None:
+    top = heapq.nlargest(TOP_K, pair_counts.items(), key=lambda item: item[1])
+    log.debug("bpe: after %d merges, %d distinct pairs; top %d: %s", done, len(pair_counts), len(top),
+              ", ".join(f"{vocab[ord(p[0])] + vocab[ord(p[1])]!r}={c}" for p, c in top))
+
+
 def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
               special_tokens: Sequence[str] = (), *, pattern: str = GPT2_PATTERN, num_workers: int | None = None,
               progress: bool = True, size_key: str = "vocab_size") -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
@@ -227,6 +240,11 @@ def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab
     word_counts = Counter({piece.encode("utf-8"): n for piece, n in word_counts.items()})
     if not word_counts:
         raise DataError(f"{', '.join(map(str, paths))}: no text to train on (empty, or only special tokens).")
+    log.info("bpe: %s pre-tokens (%s distinct) from %s; learning up to %d merges", f"{sum(word_counts.values()):,}",
+             f"{len(word_counts):,}", ", ".join(map(str, paths)), vocab_size - minimum)
+    if log.isEnabledFor(logging.DEBUG):
+        top = word_counts.most_common(TOP_K)
+        log.debug("bpe: top %d pre-token splits: %s", len(top), ", ".join(f"{w!r}={n}" for w, n in top))
     vocab: dict[int, bytes] = {i: t.encode("utf-8") for i, t in enumerate(special_tokens)}
     vocab.update({len(special_tokens) + i: bytes([i]) for i in range(256)})
     # Sorted so the merge order never depends on worker scheduling or dict insertion order.

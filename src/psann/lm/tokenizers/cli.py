@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.text import read_text_file
-from ..data.tokens import token_dtype
+from ..data.tokens import token_array_tokenizer, token_dtype
 from ..errors import DataError, at_least
 from ..files import CountingDecoder
 from . import load_tokenizer
@@ -47,18 +48,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--num-workers", type=at_least(1), default=None, help="pre-tokenisation processes (default: all cores)")
     t.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json, ...")
 
-    e = tsub.add_parser("encode", help="encode a text file to a .npy of token ids (uint16 when the vocab fits)")
-    e.add_argument("--tokenizer", required=True, help="a saved tokenizer directory")
+    e = tsub.add_parser("encode", help="encode a text file to a .npy of token ids (uint16 when the vocab fits); "
+                        "the tokenizer is saved beside it (X.tokenizer/ for X.npy), for training on the array")
+    _tokenizer_args(e)
     e.add_argument("--input", required=True)
-    e.add_argument("--out", required=True, help="output .npy path")
+    e.add_argument("--out", "--output", dest="out", required=True, help="output .npy path")
 
-    s = tsub.add_parser("stats", help="bytes/token and encoding throughput on sampled documents")
-    s.add_argument("--tokenizer", required=True)
+    s = tsub.add_parser("stats", help="bytes/token and encoding throughput on sampled documents (of one corpus, "
+                        "or two with --owt-*)")
+    _tokenizer_args(s)
     s.add_argument("--input", required=True)
-    s.add_argument("--docs", type=at_least(1), default=10, help="documents to sample")
+    s.add_argument("--docs", "--n", dest="docs", type=at_least(1), default=10, help="documents to sample")
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--separator", default="<|endoftext|>",
                    help="document separator (falls back to blank lines when absent)")
+    s.add_argument("--owt-text", help="a second corpus (OpenWebText in the CS336 layout) measured the same way")
+    s.add_argument("--owt-vocab", help="vocab.json of the second corpus's tokenizer")
+    s.add_argument("--owt-merges", help="merges.txt of the second corpus's tokenizer")
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="a saved tokenizer directory (or give --vocab and --merges)")
+    p.add_argument("--vocab", help="a GPT-2-style vocab.json (with --merges; no tokenizer directory needed)")
+    p.add_argument("--merges", help="the merges.txt that goes with --vocab")
+
+
+def _load(tokenizer: str | None, vocab: str | None, merges: str | None, flags: str = "--tokenizer, or --vocab and --merges"):
+    if tokenizer and not (vocab or merges):
+        return load_tokenizer(tokenizer)
+    if vocab and merges and not tokenizer:
+        return BPETokenizer.from_files(vocab, merges)
+    raise DataError(f"name the tokenizer: {flags} (one of the two forms).")
 
 
 def run(args) -> int:
@@ -117,7 +137,7 @@ def _read_chunks(path: Path, bar: tqdm):
 
 
 def _encode(args) -> int:
-    tok = load_tokenizer(args.tokenizer)
+    tok = _load(args.tokenizer, args.vocab, args.merges)
     path, out = Path(args.input), Path(args.out)
     _check_input(path)
     if out.is_dir():
@@ -150,16 +170,28 @@ def _encode(args) -> int:
     del ids
     os.replace(tmp_npy, out)
     raw.unlink()
+    tok.save(token_array_tokenizer(out))  # `--train_data X.npy` (data.train_token_files) finds it there
     seconds = time.perf_counter() - start
-    print(json.dumps({"out": str(out), "tokens": count, "dtype": dtype.name,
+    print(json.dumps({"out": str(out), "tokenizer": str(token_array_tokenizer(out)), "tokens": count, "dtype": dtype.name,
                       "bytes_per_token": round(path.stat().st_size / max(1, count), 3),
                       "mb_per_s": round(path.stat().st_size / 1e6 / seconds, 2)}, indent=2))
     return 0
 
 
 def _stats(args) -> int:
-    tok = load_tokenizer(args.tokenizer)
-    path = Path(args.input)
+    corpora = [(args.input, _load(args.tokenizer, args.vocab, args.merges))]
+    if args.owt_text or args.owt_vocab or args.owt_merges:
+        if not (args.owt_text and args.owt_vocab and args.owt_merges):
+            raise DataError("the second corpus needs all three of --owt-text, --owt-vocab and --owt-merges.")
+        corpora.append((args.owt_text, _load(None, args.owt_vocab, args.owt_merges, "--owt-vocab and --owt-merges")))
+    results = [_bytes_per_token(Path(path), tok, args) for path, tok in corpora]
+    print(json.dumps(results[0] if len(results) == 1 else {"corpora": results}, indent=2))
+    print("; ".join(f"{Path(r['input']).name} ({r['vocab_size']:,} ids): {r['bytes_per_token']:.3f} bytes/token"
+                    for r in results) + f" ({args.docs} sampled docs, seed {args.seed})", file=sys.stderr)
+    return 0
+
+
+def _bytes_per_token(path: Path, tok, args) -> dict:
     _check_input(path)
     text = read_text_file(path)
     docs = [d for d in (text.split(args.separator) if args.separator in text else text.split("\n\n")) if d.strip()]
@@ -170,7 +202,5 @@ def _stats(args) -> int:
     n_tokens = sum(len(tok.encode(d)) for d in sample)
     seconds = time.perf_counter() - start
     n_bytes = sum(len(d.encode("utf-8")) for d in sample)
-    print(json.dumps({"docs": len(sample), "bytes": n_bytes, "tokens": n_tokens,
-                      "bytes_per_token": round(n_bytes / max(1, n_tokens), 3),
-                      "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 2)}, indent=2))
-    return 0
+    return {"input": str(path), "vocab_size": tok.vocab_size, "docs": len(sample), "bytes": n_bytes, "tokens": n_tokens,
+            "bytes_per_token": round(n_bytes / max(1, n_tokens), 3), "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 2)}

@@ -21,8 +21,8 @@ log = logging.getLogger("psann.lm")
 
 # Data keys that decide the token stream a resumed run continues (the tokenizer is compared by
 # fingerprint; cache_dir is where the run keeps its own copy).
-RESUME_DATA_KEYS = ("train_files", "val_files", "path", "sft_files", "max_length", "pack_sequences", "val_split",
-                    "seed", "doc_separator", "sampling", "bos_aligned")
+RESUME_DATA_KEYS = ("train_files", "val_files", "train_token_files", "val_token_files", "path", "sft_files",
+                    "max_length", "pack_sequences", "val_split", "seed", "doc_separator", "sampling", "bos_aligned")
 
 
 def check_same_tokenizer(tokenizer, checkpoint: str) -> None:

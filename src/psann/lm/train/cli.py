@@ -40,9 +40,33 @@ SPEC_FLAGS = {
 }
 
 
+# The CS336-style train.py's flags (docs: "Migrating"): --train_data X.npy --val_data Y.npy --out_dir D
+# --device cuda --batch_size 64 --max_iters 5000 --lr 5e-4 --wandb. --batch_size counts windows.
+CS336_FLAGS = {
+    "--train_data": "data.train_token_files", "--val_data": "data.val_token_files", "--tokenizer": "data.tokenizer_model_path",
+    "--context_length": "data.max_length", "--out_dir": "train.checkpoint_dir", "--device": "train.device",
+    "--max_iters": "train.max_steps", "--min_lr": "train.min_lr", "--warmup_iters": "train.warmup_steps",
+    "--weight_decay": "train.weight_decay", "--eval_interval": "train.eval_interval_steps",
+    "--eval_iters": "train.eval_batches", "--save_interval": "train.save_interval_steps",
+    "--wandb_project": "train.wandb_project", "--wandb_run_name": "train.wandb_run_name", "--d_model": "model.d_model",
+    "--num_layers": "model.n_layers", "--num_heads": "model.n_heads", "--d_ff": "model.d_mlp",
+    "--rope_theta": "model.rope_theta",
+}
+LIST_KEYS = ("data.train_token_files", "data.val_token_files")
+# The shape a CS336 user trains on TinyStories when no config file says otherwise.
+CS336_MODEL = {"model.d_model": 512, "model.n_layers": 4, "model.n_heads": 16, "model.d_mlp": 1344, "data.max_length": 256}
+
+
 def add_spec_args(parser: argparse.ArgumentParser) -> None:
     for flag, key in SPEC_FLAGS.items():
         parser.add_argument(flag, dest=key, default=None, metavar="V", help=f"= --{key}")
+    cs336 = parser.add_argument_group("CS336-style flags (train on .npy token arrays)")
+    for flag, key in CS336_FLAGS.items():
+        cs336.add_argument(flag, dest=key, default=None, metavar="V", help=f"= --{key}")
+    cs336.add_argument("--batch_size", type=int, default=None, metavar="N",
+                       help="windows per step: = --train.batch_tokens=N*context_length")
+    cs336.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline unless "
+                       "--train.wandb_mode=online)")
     parser.add_argument("--grad-checkpoint", dest="train.grad_checkpoint", action="store_const", const="true",
                         help="= --train.grad_checkpoint=true")
     parser.add_argument("--compile", dest="train.compile", action="store_const", const="true", help="= --train.compile=true")
@@ -58,8 +82,24 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_overrides(args: argparse.Namespace) -> list[str]:
-    keys = [*SPEC_FLAGS.values(), "train.grad_checkpoint", "train.compile"]
-    return [f"--{key}={getattr(args, key)}" for key in keys if getattr(args, key, None) is not None]
+    keys = [*SPEC_FLAGS.values(), *CS336_FLAGS.values(), "train.grad_checkpoint", "train.compile"]
+    given = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+    if given.get("data.train_token_files") and not args.config:
+        given = {**CS336_MODEL, **given}
+    return [f"--{key}=[{value}]" if key in LIST_KEYS else f"--{key}={value}" for key, value in given.items()]
+
+
+def load_run_config(args: argparse.Namespace, overrides: list[str]):
+    """The config file with the flags and overrides on top; --batch_size and --wandb are read
+    against the resolved context length and loggers."""
+    overrides = [*spec_overrides(args), *overrides]
+    config = load_config(args.config, overrides)
+    extra = []
+    if getattr(args, "batch_size", None) is not None:
+        extra.append(f"--train.batch_tokens={args.batch_size * config.data.max_length}")
+    if getattr(args, "wandb", False) and "wandb" not in config.train.loggers:
+        extra.append(f"--train.loggers=[{','.join([*config.train.loggers, 'wandb'])}]")
+    return load_config(args.config, [*overrides, *extra]) if extra else config
 
 
 def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -79,7 +119,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cl
     add_spec_args(parser)
     args, extra = parser.parse_known_args(argv)
     try:
-        config = load_config(args.config, [*spec_overrides(args), *split_overrides(extra, parser)])
+        config = load_run_config(args, split_overrides(extra, parser))
         if args.print_config:
             config = apply_start_checkpoint(config)
             check_model_config(config.model)
