@@ -399,9 +399,10 @@ class TrainConfig(_Validated):
     loggers: list[str] = _opt(None, "Where metrics go (rank 0 only), any of: console (a line per log interval and evaluation; the bar is `progress`), jsonl (metrics.jsonl), csv (metrics.csv, a column per metric), tensorboard (event files in the run directory's tensorboard/; pip install 'psann-lm[tensorboard]'), wandb (a Weights & Biases run with the config, files in the run directory's wandb/; pip install 'psann-lm[wandb]').", factory=lambda: ["console", "jsonl", "csv"])
     wandb_project: str = _opt("psann-lm", "wandb only: the W&B project.")
     wandb_run_name: str | None = _opt(None, "wandb only: the W&B run name (default: the run directory's name).")
+    wandb_entity: str | None = _opt(None, "wandb only: the W&B entity (user or team) the run belongs to (default: your W&B default).")
     wandb_mode: str = _opt("offline", "wandb only: offline (files only, no network; upload later with `wandb sync`), online, or disabled (W&B does nothing).", choices=WANDB_MODES)
 
-    WANDB_ONLY: typing.ClassVar[tuple] = ("wandb_project", "wandb_run_name", "wandb_mode")
+    WANDB_ONLY: typing.ClassVar[tuple] = ("wandb_project", "wandb_run_name", "wandb_entity", "wandb_mode")
 
     def check(self) -> None:
         check_logger_names(self.loggers)

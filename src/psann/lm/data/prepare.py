@@ -22,7 +22,7 @@ from .shards import Loader, Windows
 from .sft import encode_example, example_text, read_sft_jsonl
 from .shards import ShardedTokens
 from .text import iter_documents
-from .tokens import split_documents_for_validation, token_array_tokenizer
+from .tokens import split_documents_for_validation, token_array_tokenizer, token_dtype
 
 log = logging.getLogger("psann.lm")
 SMALL_DATA_WINDOWS = 8
@@ -161,12 +161,19 @@ def prepare_sft(paths: Sequence[str | os.PathLike], config: DataConfig, eos_padd
 
 
 def read_token_array(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
-    """A 1-D .npy array of token ids, memory-mapped, every id checked to lie in the vocabulary."""
+    """A 1-D array of token ids, memory-mapped, every id checked to lie in the vocabulary: a .npy
+    file, or raw ids (.dat, .bin) in the dtype the vocabulary takes (uint16 when it fits)."""
     path = Path(path)
+    dtype = token_dtype(vocab_size)
     try:
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        if path.suffix != ".npy":
+            if path.stat().st_size % dtype.itemsize:
+                raise ValueError(f"its {path.stat().st_size} bytes are not whole {dtype.name} ids")
+            ids = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+        else:
+            ids = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npy array ({exc}).") from None
+        raise DataError(f"{path} is not a readable token array ({exc}).") from None
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise DataError(f"{path} holds a {ids.ndim}-D {ids.dtype} array; a token array is 1-D integer ids.")
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):

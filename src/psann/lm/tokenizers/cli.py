@@ -163,6 +163,19 @@ def _encode(args) -> int:
             sink.write(np.asarray(ids, dtype=dtype).tobytes())
             count = len(ids)
     bar.close()
+    if out.suffix != ".npy":  # a raw memmap (.dat, .bin): the ids as written
+        os.replace(raw, out)
+    else:
+        _to_npy(raw, out, dtype, count)
+    tok.save(token_array_tokenizer(out))  # `--train_data X.npy` (data.train_token_files) finds it there
+    seconds = time.perf_counter() - start
+    print(json.dumps({"out": str(out), "tokenizer": str(token_array_tokenizer(out)), "tokens": count, "dtype": dtype.name,
+                      "bytes_per_token": round(path.stat().st_size / max(1, count), 3),
+                      "mb_per_s": round(path.stat().st_size / 1e6 / seconds, 2)}, indent=2))
+    return 0
+
+
+def _to_npy(raw: Path, out: Path, dtype: np.dtype, count: int) -> None:
     tmp_npy = out.with_name(out.name + ".tmp.npy")
     ids = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=(count,))
     ids[:] = np.fromfile(raw, dtype=dtype)
@@ -170,12 +183,6 @@ def _encode(args) -> int:
     del ids
     os.replace(tmp_npy, out)
     raw.unlink()
-    tok.save(token_array_tokenizer(out))  # `--train_data X.npy` (data.train_token_files) finds it there
-    seconds = time.perf_counter() - start
-    print(json.dumps({"out": str(out), "tokenizer": str(token_array_tokenizer(out)), "tokens": count, "dtype": dtype.name,
-                      "bytes_per_token": round(path.stat().st_size / max(1, count), 3),
-                      "mb_per_s": round(path.stat().st_size / 1e6 / seconds, 2)}, indent=2))
-    return 0
 
 
 def _stats(args) -> int:

@@ -169,9 +169,10 @@ class WandbLogger:
     """A W&B run with the run config as its config and scalars keyed `kind/name` by step. Offline
     mode keeps everything in <run_dir>/wandb (no network); `wandb sync` uploads it later."""
 
-    def __init__(self, run_dir: str | os.PathLike, project: str, name: str | None, mode: str, config: dict | None):
+    def __init__(self, run_dir: str | os.PathLike, project: str, name: str | None, mode: str, config: dict | None,
+                 entity: str | None = None):
         wandb = _optional(OPTIONAL["wandb"], "wandb")
-        self._run = wandb.init(project=project, name=name or Path(run_dir).resolve().name, mode=mode,
+        self._run = wandb.init(project=project, entity=entity, name=name or Path(run_dir).resolve().name, mode=mode,
                                dir=str(run_dir), config=config)
 
     def log(self, record: dict) -> None:
@@ -199,7 +200,7 @@ class Loggers:
 
 def open_loggers(names: Iterable[str], run_dir: str | os.PathLike, *, is_main: bool = True, run_config: dict | None = None,
                  wandb_project: str = "psann-lm", wandb_run_name: str | None = None, wandb_mode: str = "offline",
-                 resume_step: int | None = None) -> Loggers:
+                 wandb_entity: str | None = None, resume_step: int | None = None) -> Loggers:
     """The backends `names` (from LOGGERS) writing into `run_dir`; a no-op fan-out unless `is_main`.
     `resume_step`: the run continues from that step, so the file backends drop what came after it.
     Every rank imports the optional packages first, so a missing one stops all ranks together
@@ -223,5 +224,5 @@ def open_loggers(names: Iterable[str], run_dir: str | os.PathLike, *, is_main: b
         elif name == "tensorboard":
             backends.append(TensorBoardLogger(run_dir, resume_step))
         else:
-            backends.append(WandbLogger(run_dir, wandb_project, wandb_run_name, wandb_mode, run_config))
+            backends.append(WandbLogger(run_dir, wandb_project, wandb_run_name, wandb_mode, run_config, wandb_entity))
     return Loggers(backends)

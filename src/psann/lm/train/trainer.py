@@ -270,7 +270,7 @@ class Trainer:
         barrier(self.dist)
         metrics = open_loggers(cfg.loggers, self.run_dir, is_main=main, run_config=self.config.to_dict(),
                                wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, wandb_mode=cfg.wandb_mode,
-                               resume_step=self.resumed_step)
+                               wandb_entity=cfg.wandb_entity, resume_step=self.resumed_step)
         start = time.perf_counter()
         try:
             with tqdm(total=self.plan.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",

@@ -1,0 +1,1 @@
+"""Translation layers: the documented commands of earlier systems, run on psann-lm."""
