@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""GPU validation: bf16-vs-fp32 loss parity, a training throughput grid (base x batch_tokens) with
-tokens/s and MFU, activation-checkpointing memory, and single- vs multi-GPU parity.
+"""GPU validation, as named checks (benchmarks/lm_plan.md):
 
-    python scripts/run_gpu_validation.py --out reports/gpu [--steps 30] [--compile]
+    GPU-01  bf16 vs fp32 loss parity (transformer, 16k tokens per step)      -> parity.json
+    GPU-02  single-GPU vs 2-GPU DDP and FSDP loss parity (needs 2 GPUs)      -> parity.json
+    GPU-03  throughput grid: base x batch_tokens (65k/131k/262k), tok/s, MFU -> throughput.csv
+    GPU-04  activation checkpointing: peak memory and wall time, on and off  -> memory.json
 
-Writes <out>/<timestamp>/{summary.json, throughput.csv, memory.json, parity.json}. On a machine
-without CUDA it says so and exits cleanly. Models are ~124M-parameter (GPT-2 small shape) on
-random tokens: throughput and memory do not depend on the text.
+    python scripts/run_gpu_validation.py [--out reports/gpu] [--only GPU-03[,GPU-04]] [--steps 30] [--compile]
+    python scripts/run_gpu_validation.py --list
+
+Writes <out>/<timestamp>/ with the files above and summary.json. On a machine without CUDA it
+says so and exits cleanly (an unknown check name is an error everywhere). Models are
+~124M-parameter (GPT-2 small shape) on random tokens: throughput and memory do not depend on
+the text.
 """
 
 from __future__ import annotations
@@ -93,28 +99,19 @@ def multi_gpu_parity(out: Path) -> dict:
     return results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="reports/gpu")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks in the throughput grid")
-    parser.add_argument("--bases", default="transformer,respsann,waveresnet")
-    parser.add_argument("--batch-tokens", default="16384,65536")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("run_gpu_validation: no CUDA device is visible; nothing to validate on this machine "
-              "(the CPU checks run in the test suite).")
-        return 0
-    out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    system = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count()}
+CHECKS = {"GPU-01": "bf16 vs fp32 loss parity", "GPU-02": "single- vs multi-GPU (DDP, FSDP) parity",
+          "GPU-03": "throughput grid (base x batch_tokens)", "GPU-04": "activation checkpointing memory and wall time"}
 
+
+def bf16_parity(args, out: Path) -> dict:
     fp32 = train_steps("transformer", 16384, args.steps, dtype=None, compile_=False)
     bf16 = train_steps("transformer", 16384, args.steps, dtype=torch.bfloat16, compile_=False)
-    parity = {"fp32_final_loss": fp32["losses"][-1], "bf16_final_loss": bf16["losses"][-1],
-              "rel_diff": abs(bf16["losses"][-1] - fp32["losses"][-1]) / fp32["losses"][-1],
-              "fp32_losses": fp32["losses"], "bf16_losses": bf16["losses"]}
+    return {"fp32_final_loss": fp32["losses"][-1], "bf16_final_loss": bf16["losses"][-1],
+            "rel_diff": abs(bf16["losses"][-1] - fp32["losses"][-1]) / fp32["losses"][-1],
+            "fp32_losses": fp32["losses"], "bf16_losses": bf16["losses"]}
 
+
+def throughput_grid(args, out: Path) -> list[dict]:
     grid = []
     for base in args.bases.split(","):
         for bt in map(int, args.batch_tokens.split(",")):
@@ -126,16 +123,65 @@ def main() -> int:
         writer = csv.DictWriter(fh, fieldnames=list(grid[0]))
         writer.writeheader()
         writer.writerows(grid)
+    return grid
 
+
+def checkpointing_memory(args, out: Path) -> dict:
     memory = {}
     for ac in (False, True):
+        start = time.perf_counter()
         row = train_steps("transformer", 65536, 5, dtype=torch.bfloat16, compile_=False, grad_checkpoint=ac)
-        memory["grad_checkpoint" if ac else "no_checkpoint"] = row["max_memory_allocated_gb"]
+        memory["grad_checkpoint" if ac else "no_checkpoint"] = {
+            "max_memory_allocated_gb": row["max_memory_allocated_gb"], "median_step_s": row["median_step_s"],
+            "wall_s": time.perf_counter() - start, "steps": 5, "batch_tokens": row["batch_tokens"]}
     (out / "memory.json").write_text(json.dumps(memory, indent=2))
-    parity["multi_gpu"] = multi_gpu_parity(out)
-    (out / "parity.json").write_text(json.dumps(parity, indent=2))
-    summary = {"system": system, "parity_rel_diff": parity["rel_diff"], "memory_gb": memory, "throughput": grid,
-               "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
+    return memory
+
+
+def parse_only(text: str | None, parser: argparse.ArgumentParser) -> list[str]:
+    names = [n.strip().upper() for n in text.split(",")] if text else list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        parser.error(f"unknown check(s) {', '.join(unknown)}; the checks are {', '.join(CHECKS)} (--list).")
+    return names
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="reports/gpu", help="reports land in OUT/<timestamp>/")
+    parser.add_argument("--only", help="comma-separated check names, e.g. GPU-03 or GPU-03,GPU-04 (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks in the throughput grid")
+    parser.add_argument("--bases", default="transformer,respsann,waveresnet")
+    parser.add_argument("--batch-tokens", default="65536,131072,262144")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, what in CHECKS.items():
+            print(f"{name}  {what}")
+        return 0
+    names = parse_only(args.only, parser)
+    if not torch.cuda.is_available():
+        print(f"run_gpu_validation: no CUDA device is visible; nothing to validate on this machine ({', '.join(names)} "
+              "need a GPU; the CPU checks run in the test suite).")
+        return 0
+    out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"system": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+                          "gpus": torch.cuda.device_count()},
+               "checks": names, "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])])}
+    parity = {}
+    if "GPU-01" in names:
+        parity.update(bf16_parity(args, out))
+        summary["parity_rel_diff"] = parity["rel_diff"]
+    if "GPU-02" in names:
+        parity["multi_gpu"] = multi_gpu_parity(out)
+    if parity:
+        (out / "parity.json").write_text(json.dumps(parity, indent=2))
+    if "GPU-03" in names:
+        summary["throughput"] = throughput_grid(args, out)
+    if "GPU-04" in names:
+        summary["memory"] = checkpointing_memory(args, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
     return 0

@@ -3,6 +3,7 @@
 
     stdout.log    everything pytest printed
     junit.xml     per-test results (pytest's own --junitxml)
+    pytest_report.json  the same as JSON (pytest-json-report, in the dev extra), when the plugin is installed
     summary.json  counts (passed, failed, errors, skipped), seconds, exit code, the command
     system.json   versions, device, CPU, git commit (as `psannlm bench suite` writes it)
 
@@ -34,6 +35,12 @@ def junit_counts(path: Path) -> dict:
             "failed": total["failures"], "errors": total["errors"], "skipped": total["skipped"]}
 
 
+def _has_json_report() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pytest_jsonreport") is not None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="artefact directory (default reports/tests/<timestamp>)")
@@ -43,8 +50,9 @@ def main(argv=None) -> int:
         pytest_args = pytest_args[1:]
     out = Path(args.out).resolve() if args.out else ROOT / "reports" / "tests" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pytest", f"--junitxml={out / 'junit.xml'}", *(["-m", "gpu"] if args.gpu else []),
-               *pytest_args]
+    json_report = [f"--json-report-file={out / 'pytest_report.json'}", "--json-report"] if _has_json_report() else []
+    command = [sys.executable, "-m", "pytest", f"--junitxml={out / 'junit.xml'}", *json_report,
+               *(["-m", "gpu"] if args.gpu else []), *pytest_args]
     start = time.perf_counter()
     with open(out / "stdout.log", "w", encoding="utf-8") as log:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

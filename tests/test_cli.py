@@ -117,3 +117,17 @@ def test_run_tests_script_keeps_artefacts(tmp_path):
     assert "1 failed, 1 passed, 1 skipped" in (out / "stdout.log").read_text()
     system = json.loads((out / "system.json").read_text())
     assert system["versions"]["torch"] and system["device"]["type"] in ("cpu", "cuda")
+    report = json.loads((out / "pytest_report.json").read_text())  # pytest-json-report, in the dev extra
+    assert report["summary"] == {"passed": 1, "failed": 1, "skipped": 1, "total": 3, "collected": 3}
+
+
+def test_gpu_validation_checks_have_names_and_only_picks_them():
+    listed = run("scripts/run_gpu_validation.py", "--list").stdout.split()
+    assert [name for name in listed if name.startswith("GPU-")] == ["GPU-01", "GPU-02", "GPU-03", "GPU-04"]
+    bad = run("scripts/run_gpu_validation.py", "--only", "GPU-03,GPU-09", check=False)
+    assert bad.returncode == 2 and "unknown check(s) GPU-09" in bad.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        only = run("scripts/run_gpu_validation.py", "--only", "GPU-03")
+        assert "no CUDA device" in only.stdout and "GPU-03" in only.stdout

@@ -68,6 +68,7 @@ def test_suite_writes_every_part_and_states_its_scale(suite):
     plain, checkpointed = memory["runs"]
     assert (plain["grad_checkpoint"], checkpointed["grad_checkpoint"]) == (False, True)
     assert 0 < checkpointed["saved_tensor_mb"] < plain["saved_tensor_mb"]
+    assert plain["wall_s"] > 0 and checkpointed["wall_s"] > 0  # BMRK-03: memory with its wall time
     assert memory["micro_batch"]["tokens"] == 512 and "parameters excluded" in memory["measured"]
 
     system = json.loads((out / "system.json").read_text())

@@ -226,7 +226,7 @@ MEMORY_NOTE = ("saved_tensor_mb: bytes of the tensors autograd keeps for backwar
                "are transient and not counted. planned_activation_mb: the dry-run plan's estimate "
                "(train/throughput.py activation_bytes_per_token), which does count one recomputed block. "
                "cuda_peak_delta_mb: torch.cuda.max_memory_allocated over forward + backward minus the memory allocated "
-               "before (CUDA only).")
+               "before (CUDA only). wall_s: the wall time of that forward + backward (the first, unwarmed, pass).")
 
 
 def measure_memory(dp, model_config, s: SuiteSettings) -> dict:
@@ -257,16 +257,20 @@ def measure_memory(dp, model_config, s: SuiteSettings) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+        start = time.perf_counter()
         with SavedTensorBytes(model) as saved:
             with autocast:
                 logits = model(x)
             loss_sum, n = causal_lm_loss_sum(logits, y)
         (loss_sum / n).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
         planned = activation_bytes_per_token(model_config, grad_checkpoint, half=amp is not None) * x.numel()
         rows.append({"grad_checkpoint": grad_checkpoint, "saved_tensor_mb": round(saved.bytes / 2**20, 2),
                      "planned_activation_mb": round(planned / 2**20, 2),
                      "cuda_peak_delta_mb": round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 2)
-                     if device.type == "cuda" else None})
+                     if device.type == "cuda" else None, "wall_s": round(wall, 4)})
         del model, logits, loss_sum
     return {"micro_batch": {"windows": windows, "max_length": s.max_length, "tokens": x.numel()},
             "precision": str(amp).replace("torch.", "") if amp else "float32", "device": s.device,
