@@ -96,6 +96,9 @@ def test_train_and_infer_from_their_tomls(workdir, monkeypatch, capsys):
     assert printed["toml"]["optimizer"]["weight_decay"] == 0.1  # the layout's defaults, filled in
     assert printed["psann"]["model"]["objective"] == "diffusion" and printed["psann"]["train"]["batch_tokens"] == 128
     assert dl.train_main(["--config", "train.toml"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"kind"')]
+    train_lines = [line for line in lines if line["kind"] == "train"]  # the console backend: JSON lines for jq
+    assert train_lines and {"loss", "lr", "grad_l2_norm"} <= set(train_lines[-1]["metrics"])
     run = workdir / "runs/diffusionlm"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4]

@@ -39,6 +39,24 @@ def test_nvtx_ranges_follow_the_environment_variable(monkeypatch, fake_cuda_nvtx
     assert fake_cuda_nvtx == ["forward"] and nvtx_enabled()
 
 
+def test_nvtx_levels_and_the_diffusionlm_variables(monkeypatch, fake_cuda_nvtx):
+    for name in ("PSANN_NVTX", "PSANN_NVTX_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRANSFORMERLM_NVTX", "1")
+    monkeypatch.setenv("TRANSFORMERLM_NVTX_LEVEL", "coarse")
+    for name, level in (("step", "coarse"), ("forward", "fine"), ("batches", "verbose")):
+        with nvtx_range(name, level):
+            pass
+    assert fake_cuda_nvtx == ["step"]
+    monkeypatch.setenv("TRANSFORMERLM_NVTX_LEVEL", "verbose")
+    with nvtx_range("batches", "verbose"):
+        pass
+    assert fake_cuda_nvtx == ["step", "batches"]
+    monkeypatch.setenv("PSANN_NVTX_LEVEL", "loud")  # psann's name wins over the earlier one
+    with pytest.raises(ValueError, match="PSANN_NVTX_LEVEL='loud': choose one of coarse, fine, verbose"):
+        nvtx_range("x")
+
+
 def test_nvtx_is_a_shared_no_op_without_cuda(monkeypatch):
     monkeypatch.setattr(profiling, "_cuda_available", lambda: False)
     monkeypatch.setenv("PSANN_NVTX", "1")
@@ -55,6 +73,8 @@ def test_cuda_memory_helpers_are_no_ops_on_cpu(monkeypatch, tmp_path):
     assert dump_memory_snapshot(tmp_path / "snap.pickle") is None
     assert not (tmp_path / "snap.pickle").exists()
     assert memory_summary() == {}
+    assert profiling.peaks() == {}
+    profiling.reset_peaks()
     stop_memory_history()
 
 

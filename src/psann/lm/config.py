@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 # Choices whose code lives higher up (tokenizers, report.loggers), here so that config imports nothing above it.
 TOKENIZER_KINDS: tuple[str, ...] = ("auto", "byte", "char", "simple", "bpe", "sentencepiece", "tokenizers")
-LOGGERS = ("console", "jsonl", "csv", "tensorboard", "wandb")
+LOGGERS = ("console", "json", "jsonl", "csv", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -396,7 +396,7 @@ class TrainConfig(_Validated):
     async_checkpoint: bool = _opt(False, "FSDP: write sharded step checkpoints in the background (torch.distributed.checkpoint.async_save).")
     progress: bool = _opt(True, "Show a progress bar (loss, lr, tok/s, ETA).")
     plot: bool = _opt(True, "Write loss_curve.png at the end of the run from metrics.jsonl (needs jsonl in loggers, and matplotlib: pip install psann-lm[viz]).")
-    loggers: list[str] = _opt(None, "Where metrics go (rank 0 only), any of: console (a line per log interval and evaluation; the bar is `progress`), jsonl (metrics.jsonl), csv (metrics.csv, a column per metric), tensorboard (event files in the run directory's tensorboard/; pip install 'psann-lm[tensorboard]'), wandb (a Weights & Biases run with the config, files in the run directory's wandb/; pip install 'psann-lm[wandb]').", factory=lambda: ["console", "jsonl", "csv"])
+    loggers: list[str] = _opt(None, "Where metrics go (rank 0 only), any of: console (a line per log interval and evaluation; the bar is `progress`), json (the same records as JSON lines on stdout, values under metrics, grad_norm also as grad_l2_norm: the diffusionlm console format, for jq), jsonl (metrics.jsonl), csv (metrics.csv, a column per metric), tensorboard (event files in the run directory's tensorboard/; pip install 'psann-lm[tensorboard]'), wandb (a Weights & Biases run with the config, files in the run directory's wandb/; pip install 'psann-lm[wandb]').", factory=lambda: ["console", "jsonl", "csv"])
     wandb_project: str = _opt("psann-lm", "wandb only: the W&B project.")
     wandb_run_name: str | None = _opt(None, "wandb only: the W&B run name (default: the run directory's name).")
     wandb_entity: str | None = _opt(None, "wandb only: the W&B entity (user or team) the run belongs to (default: your W&B default).")

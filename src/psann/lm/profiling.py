@@ -1,9 +1,12 @@
 """Profiling helpers: NVTX ranges for Nsight, CUDA memory history and summaries, saved-tensor bytes.
 
-    PSANN_NVTX=1 nsys profile -t cuda,nvtx python -m psann.cli train --config ...
+    PSANN_NVTX=1 [PSANN_NVTX_LEVEL=coarse|fine|verbose] nsys profile -t cuda,nvtx python -m psann.cli train ...
 
-`nvtx_range(name)` marks a region when PSANN_NVTX=1 and CUDA is available; otherwise it returns a
-shared do-nothing context (one environment lookup per call). The CUDA memory helpers return None
+`nvtx_range(name, level)` marks a region when PSANN_NVTX=1 and CUDA is available and the region's
+level is within PSANN_NVTX_LEVEL (coarse: optimizer steps; fine, the default: also forward,
+backward, optimizer; verbose: also the loading of each batch); otherwise it returns a shared
+do-nothing context (a few environment lookups per call). TRANSFORMERLM_NVTX and
+TRANSFORMERLM_NVTX_LEVEL, the earlier diffusionlm names, work too. The CUDA memory helpers return None
 or {} on machines without CUDA, so callers need no device checks; the trainer records a whole
 run's allocations under PSANN_CUDA_MEMORY_SNAPSHOT=path.pickle (`memory_snapshot_from_env`).
 """
@@ -18,19 +21,30 @@ from pathlib import Path
 
 import torch
 
-NVTX_ENV = "PSANN_NVTX"
+NVTX_ENV, NVTX_LEVEL_ENV = "PSANN_NVTX", "PSANN_NVTX_LEVEL"
+NVTX_LEVELS = ("coarse", "fine", "verbose")
 MEMORY_SNAPSHOT_ENV = "PSANN_CUDA_MEMORY_SNAPSHOT"
 _NULL = contextlib.nullcontext()
 _cuda_available = functools.cache(torch.cuda.is_available)
 
 
-def nvtx_enabled() -> bool:
-    return os.environ.get(NVTX_ENV) == "1" and _cuda_available()
+def _env(name: str) -> str | None:
+    return os.environ.get(name, os.environ.get(name.replace("PSANN_", "TRANSFORMERLM_")))
 
 
-def nvtx_range(name: str):
-    """`with nvtx_range("forward"):` -- an NVTX range under PSANN_NVTX=1 on CUDA, else a no-op."""
-    return torch.cuda.nvtx.range(name) if nvtx_enabled() else _NULL
+def nvtx_enabled(level: str = "fine") -> bool:
+    if _env(NVTX_ENV) != "1" or not _cuda_available():
+        return False
+    wanted = (_env(NVTX_LEVEL_ENV) or "fine").lower()
+    if wanted not in NVTX_LEVELS:
+        raise ValueError(f"{NVTX_LEVEL_ENV}={wanted!r}: choose one of {', '.join(NVTX_LEVELS)}")
+    return NVTX_LEVELS.index(level) <= NVTX_LEVELS.index(wanted)
+
+
+def nvtx_range(name: str, level: str = "fine"):
+    """`with nvtx_range("forward"):` -- an NVTX range under PSANN_NVTX=1 on CUDA when `level` is
+    within PSANN_NVTX_LEVEL, else a no-op."""
+    return torch.cuda.nvtx.range(name) if nvtx_enabled(level) else _NULL
 
 
 def start_memory_history(max_entries: int = 100_000) -> bool | None:
@@ -92,6 +106,18 @@ def memory_summary(device: torch.device | str | None = None) -> dict:
             "reserved_gb": stats.get("reserved_bytes.all.current", 0) / gib,
             "max_reserved_gb": stats.get("reserved_bytes.all.peak", 0) / gib,
             "num_ooms": stats.get("num_ooms", 0)}
+
+
+def peaks(device: torch.device | str | None = None) -> dict:
+    """Peak allocated and reserved GiB since the last `reset_peaks`; {} on CPU."""
+    summary = memory_summary(device)
+    return {k: summary[k] for k in ("max_allocated_gb", "max_reserved_gb")} if summary else {}
+
+
+def reset_peaks(device: torch.device | str | None = None) -> None:
+    """Start the peaks of `peaks` afresh (a no-op on CPU)."""
+    if _cuda_available():
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class SavedTensorBytes:

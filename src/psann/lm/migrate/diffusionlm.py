@@ -111,7 +111,8 @@ def run_config(path: str, values: dict, *, ddp: bool = False) -> RunConfig:
     sections["train"]["batch_tokens"] = int(training["batch_size"]) * int(model["context_length"])
     if logging_["backend"] not in ("console", "wandb"):
         raise ConfigError(f"{path}: [logging].backend must be console or wandb, got {logging_['backend']!r}.")
-    sections["train"]["loggers"] = ["console", "jsonl", "csv"] + (["wandb"] if logging_["backend"] == "wandb" else [])
+    # console: JSON lines on stdout (`| jq`), as diffusionlm's console logger printed them
+    sections["train"]["loggers"] = ["json", "jsonl", "csv"] + (["wandb"] if logging_["backend"] == "wandb" else [])
     if ddp:
         sections["train"]["optimizer"] = "zero_adamw" if values["ddp"]["optimizer_state_sharding"] else "adamw"
     config = RunConfig.from_dict(sections)

@@ -56,6 +56,21 @@ class ConsoleLogger:
         pass
 
 
+class JsonConsoleLogger:
+    """Each record as one JSON line on stdout, {"kind", "step", "metrics": {...}}: the diffusionlm
+    console format (its name for the gradient norm, grad_l2_norm, beside ours), for `jq`."""
+
+    def log(self, record: dict) -> None:
+        metrics = scalars(record)
+        if "grad_norm" in metrics:
+            metrics["grad_l2_norm"] = metrics["grad_norm"]
+        metrics.pop("step", None)
+        print(json.dumps({"kind": record.get("kind"), "step": record.get("step"), "metrics": metrics}), flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _short(value: int | float) -> str:
     if isinstance(value, int):
         return f"{value:,}"
@@ -217,6 +232,8 @@ def open_loggers(names: Iterable[str], run_dir: str | os.PathLike, *, is_main: b
     for name in names:
         if name == "console":
             backends.append(ConsoleLogger())
+        elif name == "json":
+            backends.append(JsonConsoleLogger())
         elif name == "jsonl":
             backends.append(JsonlLogger(run_dir, resume_step))
         elif name == "csv":

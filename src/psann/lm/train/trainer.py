@@ -182,8 +182,9 @@ class Trainer:
         ranks, so any split (accumulation, ranks) gives the same update as one large batch.
         An auxiliary loss (a per-micro-batch mean) is weighted by the micro-batch's targets, so it
         enters the step as a token-weighted mean beside the cross-entropy."""
-        batches = [self.objective.batch(*self.loader.next_batch(), self.train_windows, self.tokenizer.pad_id)
-                   for _ in range(self.plan.grad_accum_steps)]
+        with nvtx_range("batches", "verbose"):
+            batches = [self.objective.batch(*self.loader.next_batch(), self.train_windows, self.tokenizer.pad_id)
+                       for _ in range(self.plan.grad_accum_steps)]
         n_local = sum(n for _, _, n in batches)
         n_global = all_reduce_sum([n_local], self.dist, self.device)[0]
         # DDP and FSDP average gradients over ranks; scale back up so the result is sum / n_global.
@@ -290,7 +291,8 @@ class Trainer:
         try:
             while self.step < self.plan.total_steps:
                 lr = lr_at(self.step, cfg, self.plan.total_steps, self.plan.warmup_steps)
-                loss_sum, n_targets, grad_norm, aux, bad = self._train_step(lr)
+                with nvtx_range(f"step {self.step}", "coarse"):
+                    loss_sum, n_targets, grad_norm, aux, bad = self._train_step(lr)
                 self.step += 1
                 self.tokens_seen += self.plan.tokens_per_step
                 bar.update(1)
