@@ -141,6 +141,14 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lr_at(20, cfg, 20, 4) == pytest.approx(0.1)
 
 
+def test_linear_schedule_decays_in_equal_steps():
+    cfg = TrainConfig(lr=1.0, min_lr=0.2, warmup_steps=2, lr_schedule="linear")
+    lrs = [lr_at(s, cfg, 10, 2) for s in range(11)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[10] == pytest.approx(0.2)
+    assert all(b - a == pytest.approx(-0.1) for a, b in zip(lrs[2:], lrs[3:]))
+    assert lr_at(6, cfg, 10, 2) < lr_at(6, TrainConfig(lr=1.0, min_lr=0.2, warmup_steps=2), 10, 2)  # below cosine mid-run
+
+
 def test_batch_plan():
     cpu = torch.device("cpu")
     plan = plan_batches(TrainConfig(batch_tokens=4096, grad_accum_steps=4), 128, 1000, cpu)

@@ -369,6 +369,7 @@ class TrainConfig(_Validated):
     lr: float = _opt(3e-4, "Peak learning rate.", min=0.0, min_exclusive=True)
     min_lr: float | None = _opt(None, "Final learning rate of the cosine decay (default: lr / 10).", min=0.0)
     warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 5% of the run, at most 1000).", min=0)
+    lr_schedule: str = _opt("cosine", "Decay after warmup, from lr to min_lr at the last step: cosine or linear.", choices=("cosine", "linear"))
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (never on norms, biases, embeddings or gains).", min=0.0)
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas.")
     label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)

@@ -12,13 +12,13 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 import tomllib
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import ConfigError, PsannError, did_you_mean
+from ..errors import ConfigError, did_you_mean
+from . import guarded
 
 log = logging.getLogger("psann.lm")
 
@@ -156,16 +156,6 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _guarded(run) -> int:
-    try:
-        return run()
-    except PsannError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
 def _train_main(argv: list[str] | None, prog: str, ddp: bool) -> int:
     args = _parser(prog, "Train a masked diffusion LM from a TOML config").parse_args(argv)
 
@@ -185,7 +175,7 @@ def _train_main(argv: list[str] | None, prog: str, ddp: bool) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary, indent=2))
         return 0
-    return _guarded(run)
+    return guarded(run)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -229,7 +219,7 @@ def infer_main(argv: list[str] | None = None) -> int:
                           "text": {"prompt": inf["prompt"], "output": output},
                           "metrics": {"latency_ms": round(latency, 2)}}))
         return 0
-    return _guarded(run)
+    return guarded(run)
 
 
 def make_data_main(argv: list[str] | None = None) -> int:
@@ -247,7 +237,7 @@ def make_data_main(argv: list[str] | None = None) -> int:
         if data["vocab_path"]:
             argv += ["--vocab", data["vocab_path"], "--merges", data["merges_path"]]
         return _psannlm(argv, args.print_config, data)
-    return _guarded(run)
+    return guarded(run)
 
 
 def train_tokenizer_main(argv: list[str] | None = None) -> int:
@@ -262,7 +252,7 @@ def train_tokenizer_main(argv: list[str] | None = None) -> int:
         for special in tok["special_tokens"]:
             argv += ["--special-token", special]
         return _psannlm(argv, args.print_config, tok)
-    return _guarded(run)
+    return guarded(run)
 
 
 def _psannlm(argv: list[str], print_config: bool, values: dict) -> int:

@@ -82,12 +82,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, pa
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup from lr/warmup to lr, then cosine decay to min_lr at the last step."""
+    """Linear warmup from lr/warmup to lr, then cosine (or linear, train.lr_schedule) decay to
+    min_lr at the last step."""
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     if step < warmup_steps:
         return cfg.lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr - (cfg.lr - min_lr) * progress
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
