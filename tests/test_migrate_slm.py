@@ -113,3 +113,59 @@ def test_prepare_without_input_needs_the_hub(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert slm.prepare_main(["--output_dir", str(tmp_path / "d"), "--max_samples", "10"]) == 2
     assert "roneneldan/TinyStories" in capsys.readouterr().err and not (tmp_path / "d" / "train.txt").exists()
+
+
+def test_evaluate_model_writes_its_results(run, tmp_path):
+    _, data, out = run
+    assert slm.evaluate_main(["--model_path", str(out), "--data_dir", str(data),
+                              "--output_dir", str(tmp_path / "evaluation_results")]) == 0
+    results = json.loads((tmp_path / "evaluation_results/evaluation_results.json").read_text())
+    assert {"bpb", "perplexity", "accuracy", "top5_accuracy", "utf8_validity"} <= set(results)
+    assert 0 < results["bpb"] < 9 and 0 <= results["accuracy"] <= results["top5_accuracy"] <= 1
+    assert results["data"].endswith("validation.txt") and results["model_path"].endswith("checkpoints/best")
+
+
+def test_run_experiment_trains_evaluates_and_samples(run, tmp_path, monkeypatch):
+    root, data, _ = run
+    monkeypatch.chdir(tmp_path)
+    experiment = {
+        "experiment_name": "my_experiment",
+        "model": {"config_file": str(root / "slm_tiny.json"), "type": "flat"},
+        "data": {"data_dir": str(data), "max_seq_length": 64},
+        "training": {"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3, "max_steps": 2,
+                     "warmup_steps": 1, "scheduler": "cosine", "mixed_precision": "none", "eval_interval": 1,
+                     "save_interval": 1, "log_interval": 1},
+        "output": {"checkpoint_dir": "./checkpoints/my_experiment", "log_dir": "./logs/my_experiment"},
+        "generation": {"prompts": ["Once upon a time"], "max_tokens": 8},
+    }
+    (tmp_path / "my_experiment.json").write_text(json.dumps(experiment))
+    assert slm.run_experiment_main(["--config", "my_experiment.json"]) == 0
+    logs = tmp_path / "logs/my_experiment"
+    assert [r["step"] for r in csv.DictReader(open(logs / "training_log.csv"))] == ["1", "2"]
+    assert (logs / "eval_log.csv").is_file() and (logs / "tensorboard").is_dir()  # tensorboard is in the dev extra
+    assert (tmp_path / "checkpoints/my_experiment/checkpoints/step_0000001").is_dir()
+    results = tmp_path / "results/my_experiment"
+    assert json.loads((results / "evaluation_results.json").read_text())["bpb"] > 0
+    assert (results / "generations.txt").read_text(encoding="utf-8").startswith("Once upon a time")
+    summary = json.loads((results / "experiment_summary.json").read_text())
+    assert summary["experiment_name"] == "my_experiment" and summary["evaluation"]["bpb"] > 0
+    experiment["model"]["type"] = "hnet_bit"
+    (tmp_path / "wrong.json").write_text(json.dumps(experiment))
+    assert slm.run_experiment_main(["--config", "wrong.json"]) == 2
+    experiment["training"]["learning_rte"] = 1.0
+    (tmp_path / "typo.json").write_text(json.dumps(experiment))
+    assert slm.run_experiment_main(["--config", "typo.json"]) == 2
+
+
+def test_a_directory_of_text_files_is_a_dataset(run, tmp_path):
+    root, _, _ = run
+    texts = tmp_path / "my_texts"
+    texts.mkdir()
+    for i, story in enumerate(generate_stories(20, seed=9)):
+        (texts / f"story_{i:02d}.txt").write_text(story, encoding="utf-8")
+    out = tmp_path / "run"
+    assert slm.train_main(["--model_config", str(root / "slm_tiny.json"), "--data_path", str(texts), "--batch_size", "2",
+                           "--gradient_accumulation_steps", "1", "--max_steps", "2", "--warmup_steps", "1",
+                           "--mixed_precision", "none", "--max_seq_length", "64", "--output_dir", str(out)]) == 0
+    data = json.loads((out / "checkpoints/final/config.json").read_text())["config"]["data"]
+    assert len(data["train_files"]) == 20 and data["val_split"] == 0.1 and data["max_length"] == 64

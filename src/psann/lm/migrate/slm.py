@@ -1,5 +1,6 @@
 """The Simplified SLM training guide's scripts on psann-lm: `scripts/prepare_tinystories.py`,
-`train.py` and `generate.py` (byte-level models), with their flags, defaults and outputs.
+`train.py`, `generate.py`, `scripts/evaluate_model.py` and `scripts/run_experiment.py`
+(byte-level models), with their flags, defaults and outputs.
 
 A prepared data directory holds train.txt and validation.txt (stories joined by <|endoftext|>)
 and dataset_info.json; training reads it with the byte tokenizer, as the byte-level models of
@@ -15,13 +16,15 @@ import importlib.util
 import json
 import math
 import random
+import shutil
 import sys
+import time
 from pathlib import Path
 
 from ..config import load_config
 from ..data.text import read_text_file
 from ..errors import ConfigError, DataError
-from ..files import write_atomic
+from ..files import read_json, write_atomic
 from . import guarded
 
 EOT = "<|endoftext|>"
@@ -120,6 +123,10 @@ AMP = {"bf16": "bf16", "fp16": "fp16", "none": "fp32", "no": "fp32", "fp32": "fp
 def _data_overrides(data_path: str, max_seq_length: int | None) -> list[str]:
     directory = Path(data_path)
     files = {split: directory / name for split, name in SPLITS.items()}
+    texts = sorted(str(p) for p in directory.glob("*.txt")) if directory.is_dir() else []
+    if texts and not files["train"].is_file():  # a directory of .txt files: one document each, 10% held out
+        return [f"--data.train_files=[{','.join(texts)}]", "--data.tokenizer=byte", "--data.val_split=0.1",
+                f"--data.max_length={max_seq_length or 512}"]
     if not directory.is_dir() or not files["train"].is_file():
         raise DataError(f"--data_path {directory} holds no {SPLITS['train']}; make it with "
                         f"`python scripts/prepare_tinystories.py --output_dir {directory}`, or give a directory "
@@ -293,5 +300,138 @@ def generate_main(argv: list[str] | None = None) -> int:
             print(text + "\n")
         if args.output_file:
             write_atomic(Path(args.output_file), "\n\n".join(texts) + "\n")
+        return 0
+    return guarded(run)
+
+
+# -- scripts/evaluate_model.py ----------------------------------------------------------------------
+def evaluate(model_path: str, data_dir: str, output_dir: str, *, batch_size: int = 8, device: str = "cpu",
+             seed: int = 0) -> dict:
+    """BPB, perplexity, accuracy, top-5 accuracy and UTF-8 validity on the data directory's held-out
+    split (test.txt when present, else validation.txt), written to output_dir/evaluation_results.json."""
+    import torch  # lazy: torch and the modules that need it
+
+    from ..eval.evaluate import evaluate_text
+    from ..models import count_parameters
+    from ..objectives import objective_for
+    from ..train.checkpoint import load_checkpoint
+
+    split = next((Path(data_dir) / n for n in ("test.txt", SPLITS["validation"]) if (Path(data_dir) / n).is_file()), None)
+    if split is None:
+        raise DataError(f"--data_dir {data_dir} holds no test.txt or {SPLITS['validation']} to evaluate on.")
+    checkpoint = _checkpoint(model_path)
+    model, tok, config = load_checkpoint(checkpoint, device)
+    docs = [d.strip() for d in read_text_file(split).split(EOT) if d.strip()]
+    metrics = evaluate_text(model, tok, docs, objective_for(config.model), batch_size, torch.device(device), seed=seed)
+    results = {"model_path": checkpoint, "data": str(split), "parameters": count_parameters(model),
+               "bpb": metrics["bits_per_byte"], "perplexity": metrics["ppl"], "loss": metrics["loss"],
+               "accuracy": metrics["accuracy"], "top5_accuracy": metrics["top5_accuracy"],
+               "utf8_validity": metrics["utf8_valid"], "tokens": metrics["tokens"], "bytes": metrics["bytes"]}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "evaluation_results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/evaluate_model.py", description="Evaluate a checkpoint (the "
+                                     "Simplified SLM script on psann-lm).")
+    parser.add_argument("--model_path", required=True, help="a checkpoint directory, or a run directory (its best)")
+    parser.add_argument("--data_dir", required=True, help="a directory from scripts/prepare_tinystories.py")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    return guarded(lambda: print(json.dumps(evaluate(args.model_path, args.data_dir, args.output_dir,
+                                                     batch_size=args.batch_size, device=args.device), indent=2)) or 0)
+
+
+# -- scripts/run_experiment.py ----------------------------------------------------------------------
+EXPERIMENT_LAYOUT = {
+    "model": {"config_file", "type"}, "data": {"data_dir", "max_seq_length"},
+    "training": {"batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
+                 "warmup_steps", "scheduler", "mixed_precision", "max_steps", "eval_interval", "save_interval",
+                 "log_interval", "max_seq_length", "seed", "device"},
+    "output": {"checkpoint_dir", "log_dir", "results_dir"},
+    "generation": {"prompts", "max_tokens", "temperature", "top_k", "top_p"},
+}
+MODEL_TYPES = {"flat": "hgrn_bit", "hnet_bit": "hnet_bit", "hierarchical": "hnet_bit"}
+
+
+def _read_experiment(path: str) -> dict:
+    experiment = read_json(Path(path), ConfigError, "experiment config")
+    if not isinstance(experiment, dict) or not isinstance(experiment.get("experiment_name"), str):
+        raise ConfigError(f"{path}: an experiment config is a JSON object with an experiment_name.")
+    for section, table in experiment.items():
+        if section == "experiment_name":
+            continue
+        if section not in EXPERIMENT_LAYOUT or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section {section!r}; sections: experiment_name, "
+                              f"{', '.join(EXPERIMENT_LAYOUT)}.")
+        unknown = sorted(set(table) - EXPERIMENT_LAYOUT[section])
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; keys of "
+                              f"{section}: {', '.join(sorted(EXPERIMENT_LAYOUT[section]))}.")
+    for key in ("model.config_file", "data.data_dir"):
+        section, name = key.split(".")
+        if not experiment.get(section, {}).get(name):
+            raise ConfigError(f"{path}: {key} is required.")
+    kind = experiment["model"].get("type")
+    if kind is not None and kind not in MODEL_TYPES:
+        raise ConfigError(f"{path}: model.type {kind!r} is not one of {', '.join(MODEL_TYPES)}.")
+    model_file = experiment["model"]["config_file"]
+    model_type = read_json(Path(model_file), ConfigError, "model config").get("model_type") \
+        if Path(model_file).is_file() else None
+    hierarchical = model_type in ("hnet_bit", "hnet")
+    if kind is not None and model_type is not None and (MODEL_TYPES[kind] == "hnet_bit") != hierarchical:
+        raise ConfigError(f"{path}: model.type {kind!r} but {model_file} describes a {model_type} model.")
+    return experiment
+
+
+def run_experiment_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/run_experiment.py", description="Train, evaluate and sample in "
+                                     "one go from an experiment JSON (the Simplified SLM script on psann-lm).")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        exp = _read_experiment(args.config)
+        name, training, output = exp["experiment_name"], exp.get("training", {}), exp.get("output", {})
+        checkpoint_dir = output.get("checkpoint_dir", f"./checkpoints/{name}")
+        log_dir = Path(output.get("log_dir", f"./logs/{name}"))
+        results_dir = Path(output.get("results_dir", f"./results/{name}"))
+        flags = ["--model_config", exp["model"]["config_file"], "--data_path", exp["data"]["data_dir"],
+                 "--output_dir", checkpoint_dir]
+        length = exp["data"].get("max_seq_length", training.get("max_seq_length"))
+        if length is not None:
+            flags += ["--max_seq_length", str(length)]
+        for key, value in training.items():
+            if key != "max_seq_length":
+                flags += [f"--{key}", str(value)]
+        started = time.time()
+        if train_main(flags) != 0:
+            return 2
+        run_dir = Path(checkpoint_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for log in ("training_log.csv", "eval_log.csv"):
+            shutil.copy(run_dir / log, log_dir / log)
+        if (run_dir / "tensorboard").is_dir():
+            shutil.copytree(run_dir / "tensorboard", log_dir / "tensorboard", dirs_exist_ok=True)
+        results = evaluate(checkpoint_dir, exp["data"]["data_dir"], str(results_dir))
+        gen = exp.get("generation", {})
+        from .. import psannLM  # lazy: torch
+
+        lm = psannLM.load(_checkpoint(checkpoint_dir))
+        prompts = gen.get("prompts", ["Once upon a time"])
+        texts = [p + t for p, t in zip(prompts, lm.generate_batch(prompts, max_new_tokens=gen.get("max_tokens", 100),
+                                                                  temperature=gen.get("temperature", 0.8),
+                                                                  top_k=gen.get("top_k", 50), top_p=gen.get("top_p", 0.9),
+                                                                  seed=training.get("seed", 0)))]
+        write_atomic(results_dir / "generations.txt", "\n\n".join(texts) + "\n")
+        summary = {"experiment_name": name, "config": exp, "checkpoint_dir": checkpoint_dir, "log_dir": str(log_dir),
+                   "results_dir": str(results_dir), "evaluation": results, "seconds": round(time.time() - started, 1),
+                   "final_checkpoint": str(run_dir / "checkpoints" / "final")}
+        write_atomic(results_dir / "experiment_summary.json", json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary["evaluation"], indent=2))
         return 0
     return guarded(run)
