@@ -50,7 +50,7 @@ from psann import __version__
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError, PsannError
 from ..models import build_model
-from ..files import fsync_dir, fsync_tree, raise_os_error, read_json, temp_name
+from ..files import fsync_dir, fsync_file, fsync_tree, raise_os_error, read_json, temp_name
 from ..tokenizers import load_tokenizer
 
 log = logging.getLogger("psann.lm")
@@ -237,6 +237,26 @@ def copy_checkpoint(source: str | os.PathLike, directory: str | os.PathLike) -> 
         shutil.copy2(source / CONFIG, tmp / CONFIG)
         shutil.copytree(source / TOKENIZER, tmp / TOKENIZER)
     return directory
+
+
+def export_state_dict(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """The weights of checkpoint `source` (verified) as one PyTorch file {"model": state dict,
+    "config": the run config}, tensors and plain data only, so torch.load(weights_only=True) reads
+    it. The tokenizer stays in the checkpoint directory, which the file names."""
+    source, path = resolve_checkpoint(source), Path(path)
+    verify_checkpoint(source, WEIGHTS, CONFIG)
+    payload = {"model": load_file(source / WEIGHTS), "config": read_json(source / CONFIG, CheckpointError, "config"),
+               "tokenizer_dir": str((source / TOKENIZER).resolve())}
+    tmp = temp_name(path)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _save_torch(payload, tmp)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
 
 
 @contextlib.contextmanager

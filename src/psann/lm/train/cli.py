@@ -13,9 +13,10 @@ import os
 import sys
 
 from ..config import dump_config, load_config
-from ..errors import PsannError
+from ..errors import ConfigError, PsannError
+from ..tokenizers.hf import hub_file
 from ..models import check_model_config
-from .checkpoint import copy_checkpoint
+from .checkpoint import copy_checkpoint, export_state_dict
 from .dry_run import describe, plan_run
 from .run import apply_start_checkpoint, train
 
@@ -72,7 +73,12 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", dest="train.compile", action="store_const", const="true", help="= --train.compile=true")
     parser.add_argument("--data-manifest", help="a file listing text files, one per line; with --tokenizer-model-path "
                         "they are built into token shards under <checkpoint-dir>/data first (resumable, flat memory)")
-    parser.add_argument("--out-ckpt", help="also write the final weights (with config and tokenizer) to this directory")
+    parser.add_argument("--hf-tokenizer-repo", metavar="REPO", help="load the tokenizer from this Hugging Face repo "
+                        "(through the local HF cache; offline, the cached copy)")
+    parser.add_argument("--hf-tokenizer-filename", default="tokenizer.json", metavar="FILE",
+                        help="the tokenizer file in --hf-tokenizer-repo (default tokenizer.json)")
+    parser.add_argument("--out-ckpt", help="also write the final weights: a directory (weights, config, tokenizer), or "
+                        "X.pt, a PyTorch file {model: state dict, config} that torch.load(weights_only=True) reads")
     parser.add_argument("--dry-run", action="store_true", help="print parameters, per-GPU memory, FLOPs/token and time "
                         "to the token budget, then exit (touches no GPU)")
     parser.add_argument("--world-size", type=int, default=None, help="dry run: number of GPUs (default: WORLD_SIZE or 1)")
@@ -84,6 +90,10 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
 def spec_overrides(args: argparse.Namespace) -> list[str]:
     keys = [*SPEC_FLAGS.values(), *CS336_FLAGS.values(), "train.grad_checkpoint", "train.compile"]
     given = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+    if getattr(args, "hf_tokenizer_repo", None):
+        if given.get("data.tokenizer_model_path"):
+            raise ConfigError("--hf-tokenizer-repo and --tokenizer-model-path both name the tokenizer; keep one.")
+        given["data.tokenizer_model_path"] = hub_file(args.hf_tokenizer_repo, args.hf_tokenizer_filename)
     if given.get("data.train_token_files") and not args.config:
         given = {**CS336_MODEL, **given}
     return [f"--{key}=[{value}]" if key in LIST_KEYS else f"--{key}={value}" for key, value in given.items()]
@@ -134,7 +144,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cl
             return 0
         summary = train(config, manifest=args.data_manifest).info
         if args.out_ckpt and int(os.environ.get("RANK", "0")) == 0:
-            summary["out_ckpt"] = str(copy_checkpoint(summary["final_checkpoint"], args.out_ckpt))
+            export = export_state_dict if args.out_ckpt.endswith(".pt") else copy_checkpoint
+            summary["out_ckpt"] = str(export(summary["final_checkpoint"], args.out_ckpt))
     except PsannError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

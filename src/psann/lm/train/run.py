@@ -23,6 +23,7 @@ from ..data.prepare import PreparedData, prepare_data
 from ..data.sources import resolve_inputs
 from ..errors import ConfigError
 from ..files import DirectoryLock
+from ..tokenizers import build_tokenizer
 from ..models import build_model, check_model_config, count_parameters
 from ..objectives import objective_for
 from . import checkpoint as ckpt
@@ -202,7 +203,11 @@ def build_from_manifest(config: RunConfig, manifest: str, info: DistInfo) -> Run
         return dataclasses.replace(config, data=dataclasses.replace(data, train_files=files))
     out = f"{config.train.checkpoint_dir}/data"
     if info.is_main and not os.path.exists(os.path.join(out, INDEX_FILE)):
-        build_dataset(BuildConfig(inputs=[], manifests=[manifest], tokenizer=data.tokenizer_model_path, out=out,
+        tokenizer = data.tokenizer_model_path
+        if not os.path.isdir(tokenizer):  # a tokenizer file (tokenizer.json, .model): the build reads a directory
+            tokenizer = f"{config.train.checkpoint_dir}/tokenizer_source"
+            build_tokenizer(data.tokenizer, model_path=data.tokenizer_model_path).save(tokenizer)
+        build_dataset(BuildConfig(inputs=[], manifests=[manifest], tokenizer=tokenizer, out=out,
                                   separator=data.doc_separator or "eot", progress=True))
     barrier(info)
     built = dataclasses.replace(data, path=out, tokenizer_model_path=None, tokenizer="auto", doc_separator=None)
