@@ -35,17 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workers", type=int, default=1, help="tokenising processes")
     b.add_argument("--npy", action="store_true", help="also write each shard as .npy")
     b.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted build in --out")
-    f = b.add_argument_group("filters (each optional; removals are counted in index.json)")
-    f.add_argument("--min-chars", type=int, default=0)
-    f.add_argument("--max-chars", type=int, default=None)
-    f.add_argument("--ascii-only", action="store_true")
-    f.add_argument("--english", action="store_true", help="keep English only (fastText lid, offline)")
-    f.add_argument("--english-threshold", type=float, default=0.5)
-    f.add_argument("--exact-dedup", action="store_true", help="drop repeats of normalised text")
-    f.add_argument("--near-dedup", action="store_true", help="drop near-duplicates (MinHash LSH)")
-    f.add_argument("--near-dedup-threshold", type=float, default=0.8, help="estimated Jaccard similarity")
-    f.add_argument("--decontaminate", nargs="+", default=[], help="eval files (.jsonl or text) to remove overlap with")
-    f.add_argument("--ngram", type=int, default=13, help="decontamination n-gram length in words")
+    add_filter_args(b.add_argument_group("filters (each optional; removals are counted in index.json)"))
 
     i = dsub.add_parser("info", help="print a build's index.json summary")
     i.add_argument("path", help="a built dataset directory")
@@ -76,15 +66,33 @@ def _verify(path: str) -> int:
     return 0
 
 
+def add_filter_args(f) -> None:
+    """The filter flags of `psannlm data build` (also on `psannlm train --data-manifest`)."""
+    f.add_argument("--min-chars", type=int, default=0)
+    f.add_argument("--max-chars", type=int, default=None)
+    f.add_argument("--ascii-only", action="store_true")
+    f.add_argument("--english", action="store_true", help="keep English only (fastText lid, offline)")
+    f.add_argument("--english-threshold", type=float, default=0.5)
+    f.add_argument("--exact-dedup", action="store_true", help="drop repeats of normalised text")
+    f.add_argument("--near-dedup", action="store_true", help="drop near-duplicates (MinHash LSH)")
+    f.add_argument("--near-dedup-threshold", type=float, default=0.8, help="estimated Jaccard similarity")
+    f.add_argument("--decontaminate", nargs="+", default=[], help="eval files (.jsonl or text) to remove overlap with")
+    f.add_argument("--ngram", type=int, default=13, help="decontamination n-gram length in words")
+
+
+def filters_from_args(args) -> FilterConfig:
+    return FilterConfig(min_chars=args.min_chars, max_chars=args.max_chars, ascii_only=args.ascii_only,
+                        english=args.english, english_threshold=args.english_threshold,
+                        decontaminate=args.decontaminate, ngram=args.ngram, exact_dedup=args.exact_dedup,
+                        near_dedup=args.near_dedup, near_dedup_threshold=args.near_dedup_threshold)
+
+
 def run(args) -> int:
     if args.data_command == "info":
         return _info(args.path)
     if args.data_command == "verify":
         return _verify(args.path)
-    filters = FilterConfig(min_chars=args.min_chars, max_chars=args.max_chars, ascii_only=args.ascii_only,
-                           english=args.english, english_threshold=args.english_threshold,
-                           decontaminate=args.decontaminate, ngram=args.ngram, exact_dedup=args.exact_dedup,
-                           near_dedup=args.near_dedup, near_dedup_threshold=args.near_dedup_threshold)
+    filters = filters_from_args(args)
     cfg = BuildConfig(inputs=args.input, manifests=args.manifest, tokenizer=args.tokenizer, out=args.out,
                       separator=args.separator, text_key=args.text_key, hf_dataset=args.hf_dataset,
                       hf_split=args.hf_split, hf_config=args.hf_config, hf_text_key=args.hf_text_key,

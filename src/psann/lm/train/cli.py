@@ -12,7 +12,11 @@ import json
 import os
 import sys
 
-from ..config import dump_config, load_config
+from ..config import RunConfig, dump_config, load_config
+from ..data.cli import add_filter_args, filters_from_args
+from ..data.sources import iter_documents_from, resolve_inputs
+from ..data.text import resolve_separator
+from ..tokenizers import build_tokenizer
 from ..errors import ConfigError, PsannError
 from ..tokenizers.hf import hub_file
 from ..models import check_model_config
@@ -77,6 +81,11 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
                         "(through the local HF cache; offline, the cached copy)")
     parser.add_argument("--hf-tokenizer-filename", default="tokenizer.json", metavar="FILE",
                         help="the tokenizer file in --hf-tokenizer-repo (default tokenizer.json)")
+    add_filter_args(parser.add_argument_group("--data-manifest filters (as psannlm data build; they need a "
+                                              "tokenizer given: --tokenizer-model-path or --hf-tokenizer-repo)"))
+    parser.add_argument("--preflight", action="store_true", help="before training, round-trip sample texts of the "
+                        "data through the tokenizer and check its size against the model's vocab_size; stop loudly "
+                        "on a mismatch")
     parser.add_argument("--out-ckpt", help="also write the final weights: a directory (weights, config, tokenizer), or "
                         "X.pt, a PyTorch file {model: state dict, config} that torch.load(weights_only=True) reads")
     parser.add_argument("--dry-run", action="store_true", help="print parameters, per-GPU memory, FLOPs/token and time "
@@ -123,6 +132,34 @@ def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[s
     return overrides
 
 
+def preflight(config: RunConfig, manifest: str | None, n_samples: int = 8) -> dict:
+    """Fail before any data is built or any GPU hour spent: the first documents of the data must
+    round-trip through the tokenizer (decode(encode(text)) == text), and the model's vocab_size,
+    when set, must cover the tokenizer's ids."""
+    data = config.data
+    if not data.tokenizer_model_path:
+        raise ConfigError("--preflight checks a given tokenizer: pass --tokenizer-model-path or --hf-tokenizer-repo.")
+    tok = build_tokenizer(data.tokenizer, model_path=data.tokenizer_model_path)
+    files = resolve_inputs(list(data.train_files), [manifest] if manifest else [])
+    docs = []
+    for _, doc in iter_documents_from(files, separator=resolve_separator(data.doc_separator or "eot")):
+        docs.append(doc[:2000])
+        if len(docs) == n_samples:
+            break
+    broken = [d for d in docs if tok.decode(tok.encode(d)) != d]
+    if not docs:
+        raise ConfigError("--preflight found no text in the data to check.")
+    if broken:
+        raise ConfigError(f"--preflight: {len(broken)} of {len(docs)} sample texts do not survive encode -> decode "
+                          f"with {data.tokenizer_model_path}, e.g. {broken[0][:80]!r} -> "
+                          f"{tok.decode(tok.encode(broken[0]))[:80]!r}; the model would learn other text than given.")
+    if config.model.vocab_size is not None and config.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"--preflight: model.vocab_size={config.model.vocab_size} (the lm_head) is smaller than the "
+                          f"tokenizer's {tok.vocab_size} ids.")
+    return {"samples": len(docs), "round_trip": "ok", "tokenizer_vocab": tok.vocab_size,
+            "model_vocab": config.model.vocab_size or tok.vocab_size}
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cli") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Train a psann-lm model from a config file.")
     add_config_args(parser)
@@ -142,7 +179,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cl
             print(describe(plan))
             print(json.dumps(plan))
             return 0
-        summary = train(config, manifest=args.data_manifest).info
+        filters = filters_from_args(args)
+        if filters.applied() and not (args.data_manifest and config.data.tokenizer_model_path):
+            raise ConfigError("the filters run while --data-manifest is built into token shards, which needs the "
+                              "tokenizer given (--tokenizer-model-path or --hf-tokenizer-repo); or build with "
+                              "`psannlm data build` and train on --data-path.")
+        if args.preflight:
+            print(json.dumps({"preflight": preflight(config, args.data_manifest)}), flush=True)
+        summary = train(config, manifest=args.data_manifest, filters=filters).info
         if args.out_ckpt and int(os.environ.get("RANK", "0")) == 0:
             export = export_state_dict if args.out_ckpt.endswith(".pt") else copy_checkpoint
             summary["out_ckpt"] = str(export(summary["final_checkpoint"], args.out_ckpt))

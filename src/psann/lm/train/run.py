@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..config import DataConfig, ModelConfig, RunConfig
 from ..data.build import BuildConfig, build_dataset
+from ..data.filters import FilterConfig
 from ..data.tokens import INDEX_FILE
 from ..data.prepare import PreparedData, prepare_data
 from ..data.sources import resolve_inputs
@@ -52,9 +53,10 @@ class RunSummary:
 
 
 def train(config: RunConfig, *, data: PreparedData | None = None, model: nn.Module | None = None,
-          manifest: str | None = None) -> RunSummary:
+          manifest: str | None = None, filters: FilterConfig | None = None) -> RunSummary:
     """Train as `config` says. `data` and `model` (the Python API's) replace what the config would
-    prepare and build; `manifest` lists text files to build into token shards first."""
+    prepare and build; `manifest` lists text files to build into token shards first (through
+    `filters`)."""
     info = init_distributed(resolve_device(config.train.device).type)  # torchrun: join the group first
     lock = None
     try:
@@ -69,7 +71,7 @@ def train(config: RunConfig, *, data: PreparedData | None = None, model: nn.Modu
             config = resolve_run_config(dataclasses.replace(config, train=dataclasses.replace(
                 config.train, checkpoint_dir=str(run_dir))), info, data_given=data is not None)
             if manifest:
-                config = build_from_manifest(config, manifest, info)
+                config = build_from_manifest(config, manifest, info, filters)
             objective = objective_for(config.model)
             data = data or prepare_data(config.data, eos_padded_answers=objective.eos_padded_answers)
             if model is None:
@@ -194,7 +196,7 @@ def resolve_run_config(config: RunConfig, info: DistInfo | None = None, *, data_
     return dataclasses.replace(config, model=model, train=train, data=data)
 
 
-def build_from_manifest(config: RunConfig, manifest: str, info: DistInfo) -> RunConfig:
+def build_from_manifest(config: RunConfig, manifest: str, info: DistInfo, filters: FilterConfig | None = None) -> RunConfig:
     """--data-manifest: train on the listed text files; with a tokenizer given, build them into
     token shards first (rank 0 builds, resumably; the others wait)."""
     data = config.data
@@ -208,7 +210,8 @@ def build_from_manifest(config: RunConfig, manifest: str, info: DistInfo) -> Run
             tokenizer = f"{config.train.checkpoint_dir}/tokenizer_source"
             build_tokenizer(data.tokenizer, model_path=data.tokenizer_model_path).save(tokenizer)
         build_dataset(BuildConfig(inputs=[], manifests=[manifest], tokenizer=tokenizer, out=out,
-                                  separator=data.doc_separator or "eot", progress=True))
+                                  separator=data.doc_separator or "eot", progress=True,
+                                  filters=filters or FilterConfig()))
     barrier(info)
     built = dataclasses.replace(data, path=out, tokenizer_model_path=None, tokenizer="auto", doc_separator=None)
     return dataclasses.replace(config, data=built)
