@@ -71,6 +71,8 @@ def test_resume_from_the_run_directory_and_refuse_pt_files(run, capsys):
                            "--eval_interval", "2", "--save_interval", "2"]) == 0
     rows = list(csv.DictReader(open(out / "training_log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    train = json.loads((out / "checkpoints/final/config.json").read_text())["config"]["train"]
+    assert train["batch_tokens"] == 4 * 2 * 64  # the checkpoint's context length, not the default
     capsys.readouterr()
     assert slm.train_main(["--resume_from", str(out / "step_5000.pt")]) == 2
     assert "checkpoints are directories" in capsys.readouterr().err

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import load_config
 from ..data.text import read_text_file
 from ..errors import ConfigError, DataError
 from ..files import read_json, write_atomic
@@ -209,11 +208,10 @@ def train_main(argv: list[str] | None = None) -> int:
             "seed": args.seed, "loggers": f"[console,jsonl,csv{tensorboard}]"}.items()]
         if resume:
             overrides.append(f"--train.resume_from={resume}")
-        config = load_config(args.model_config if not args.resume_from or args.model_config else None, overrides)
-        length = config.data.max_length
-        config = load_config(args.model_config if not args.resume_from or args.model_config else None,
-                             [*overrides, f"--train.batch_tokens={args.batch_size * args.gradient_accumulation_steps * length}"])
-        from ..train.run import train  # lazy: torch
+        from ..train.cli import load_with_windows  # lazy: torch (train.run), which preparing data does not need
+        from ..train.run import train
+
+        config = load_with_windows(args.model_config, overrides, args.batch_size * args.gradient_accumulation_steps)
 
         run = train(config)
         logs = write_logs(Path(run.info["run_dir"]), run.tokenizer.kind == "byte")

@@ -108,17 +108,25 @@ def spec_overrides(args: argparse.Namespace) -> list[str]:
     return [f"--{key}=[{value}]" if key in LIST_KEYS else f"--{key}={value}" for key, value in given.items()]
 
 
+def load_with_windows(path: str | None, overrides: list[str], windows: int | None) -> RunConfig:
+    """load_config, with train.batch_tokens = `windows` (per step) x the context length the run will
+    have: the config's data.max_length, or the resumed checkpoint's."""
+    config = load_config(path, overrides)
+    if windows is None:
+        return config
+    length = apply_start_checkpoint(config).data.max_length
+    return load_config(path, [*overrides, f"--train.batch_tokens={windows * length}"])
+
+
 def load_run_config(args: argparse.Namespace, overrides: list[str]):
     """The config file with the flags and overrides on top; --batch_size and --wandb are read
     against the resolved context length and loggers."""
     overrides = [*spec_overrides(args), *overrides]
-    config = load_config(args.config, overrides)
-    extra = []
-    if getattr(args, "batch_size", None) is not None:
-        extra.append(f"--train.batch_tokens={args.batch_size * config.data.max_length}")
-    if getattr(args, "wandb", False) and "wandb" not in config.train.loggers:
-        extra.append(f"--train.loggers=[{','.join([*config.train.loggers, 'wandb'])}]")
-    return load_config(args.config, [*overrides, *extra]) if extra else config
+    if getattr(args, "wandb", False):
+        loggers = load_config(args.config, overrides).train.loggers
+        if "wandb" not in loggers:
+            overrides.append(f"--train.loggers=[{','.join([*loggers, 'wandb'])}]")
+    return load_with_windows(args.config, overrides, getattr(args, "batch_size", None))
 
 
 def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
