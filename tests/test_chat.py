@@ -122,7 +122,8 @@ def test_char_tokenizer_learns_the_plain_template_role_names(tmp_path):
     dp = psannLMDataPrep.from_sft([path], tokenizer="char", max_length=256, val_split=0.0)
     ids, _ = encode_conversation(dp.tokenizer, CONVERSATION)
     assert dp.tokenizer.unk_id not in ids
-    assert dp.train_windows.data.masked and dp.train_windows.layout == "examples"  # built into masked shards
+    data = dp.train_windows.data
+    assert all("mask_file" in s for s in data.shards) and dp.train_windows.layout == "examples"  # masked shards
 
 
 def test_diffusion_sft_masks_only_assistant_turns_and_padding(tmp_path, bpe):

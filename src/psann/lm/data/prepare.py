@@ -17,12 +17,10 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..tokenizers import build_tokenizer, load_tokenizer, tokenizer_fingerprint
-from .tokens import write_documents
-from .shards import Loader, Windows
 from .sft import encode_example, example_text, read_sft_jsonl
-from .shards import ShardedTokens
+from .shards import Loader, ShardedTokens, Windows
 from .text import iter_documents
-from .tokens import split_documents_for_validation, token_array_tokenizer, token_dtype
+from .tokens import split_documents_for_validation, token_array_tokenizer, token_dtype, write_documents
 
 log = logging.getLogger("psann.lm")
 SMALL_DATA_WINDOWS = 8
@@ -80,9 +78,7 @@ def text_windows(docs: Sequence[str], tokenizer, max_length: int) -> Windows:
     """Packed windows over documents (for evaluation): a tiny build in a temporary directory."""
     cache, temporary = _cache(DataConfig())
     write_documents(cache, tokenizer, {"train": docs})
-    data = ShardedTokens(cache)
-    data.temporary = temporary
-    return Windows(data, max_length, pad_id=tokenizer.pad_id)
+    return _open_splits(cache, DataConfig(max_length=max_length), tokenizer, temporary=temporary)[0]
 
 
 def prepare_texts(texts: str | os.PathLike | Iterable[str | os.PathLike], config: DataConfig,

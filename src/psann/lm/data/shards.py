@@ -122,12 +122,12 @@ class ShardedTokens:
             path = self.directory / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["tokens"] * self.dtype.itemsize:
                 raise DataError(f"shard {path} is missing or has the wrong size; {_rebuild(self.directory)}")
-            mask = self.directory / shard.get("mask_file", "")
-            if "mask_file" in shard and (not mask.is_file() or mask.stat().st_size != shard["tokens"]):
-                raise DataError(f"target mask {mask} is missing or has the wrong size; {_rebuild(self.directory)}")
+            if "mask_file" in shard:  # one byte per token
+                mask = self.directory / shard["mask_file"]
+                if not mask.is_file() or mask.stat().st_size != shard["tokens"]:
+                    raise DataError(f"target mask {mask} is missing or has the wrong size; {_rebuild(self.directory)}")
             if shard.get("max_id", -1) >= self.vocab_size:
                 self._out_of_vocab(path, shard["max_id"])
-        self.masked = bool(self.shards) and all("mask_file" in shard for shard in self.shards)
         self._verified: set[int] = set()
         self._doc_starts: np.ndarray | None = None
         self.temporary = None  # a TemporaryDirectory holding the dataset, kept alive by its readers
@@ -254,8 +254,8 @@ class Windows:
             highs = np.append(lows[1:], n).astype(np.int64)
         if layout == "examples":
             highs = np.minimum(highs, lows + L + 1)
-            flags = data.read(0, n, mask=True)
-            targets = np.array([int(flags[s + 1:e].sum()) for s, e in zip(lows, highs)], dtype=np.int64)
+            flagged = np.concatenate([[0], np.cumsum(data.read(0, n, mask=True), dtype=np.int64)])
+            targets = flagged[highs] - flagged[lows + 1]  # flagged tokens after each window's first
             keep = targets > 0
             self.skipped = int((~keep).sum())
             self.starts, self.ends, self._targets = lows[keep], highs[keep], int(targets[keep].sum())
@@ -276,7 +276,8 @@ class Windows:
         return self._targets
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        starts, ends = self.starts[np.asarray(indices, dtype=np.int64)], self.ends[np.asarray(indices, dtype=np.int64)]
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, ends = self.starts[indices], self.ends[indices]
         positions = np.minimum(starts[:, None] + np.arange(self.max_length + 1), ends[:, None] - 1)
         tokens = self.data.take(positions)
         real = (starts[:, None] + np.arange(1, self.max_length + 1)) < ends[:, None]  # x[j], y[j] inside the window

@@ -223,8 +223,10 @@ def write_documents(out: str | os.PathLike, tokenizer, splits: dict[str, Iterabl
         except BaseException:
             writer.discard()
             raise
-        shards[split] = [writer.close()] if writer.tokens else []
-        if not writer.tokens:
+        if writer.tokens:
+            shards[split] = [writer.close()]
+        else:
+            shards[split] = []
             writer.discard()
     tokenizer.save(out / "tokenizer")
     index = {**index_head(tokenizer, dtype, tokenizer_fingerprint(tokenizer), shards), "sources": list(sources)}
