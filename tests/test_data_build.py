@@ -292,3 +292,36 @@ def test_training_on_a_built_dataset_resumes_exactly(tmp_path, tok_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "b/checkpoints/final/trainer_state.json").read_text())
     assert state["loader"]["mode"] == "sequential" and state["loader"]["consumed"] == 6 * 4
+
+
+def test_hf_streaming_dataset_filters_caps_and_shards_rows(tmp_path, tok_dir):
+    pytest.importorskip("datasets")
+    from psann.lm.data.filters import FilterConfig
+    from psann.lm.data.streaming import HFTextStreamingLMDataset
+
+    tok = load_tokenizer(tok_dir)
+    stories = generate_stories(12, seed=5)
+    rows = stories[:6] + [stories[0], "  ", stories[1].upper()] + stories[6:]  # a repeat, an empty row, a variant
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps({"story": r}) + "\n" for r in rows))
+
+    def ids(dataset):
+        windows = list(dataset)
+        return np.concatenate([x.numpy() for x, _ in windows] + [windows[-1][1][-1:].numpy()])
+
+    def expected(texts):
+        return np.concatenate([tok.encode(t, add_bos=True, add_eos=True) for t in texts])
+
+    dedup = HFTextStreamingLMDataset(str(tmp_path / "ds"), tok, 16, text_key="story",
+                                     filters=FilterConfig(exact_dedup=True))
+    got = ids(dedup)
+    kept = [r for i, r in enumerate(rows) if i not in (6, 7, 8)]  # exact dedup normalises case; 7 is empty
+    assert np.array_equal(got, expected(kept)[:len(got)]) and dedup.removed == {"exact_dedup": 2}
+    capped = ids(HFTextStreamingLMDataset(str(tmp_path / "ds"), tok, 16, text_key="story", max_samples=3))
+    assert np.array_equal(capped, expected(rows[:3])[:len(capped)]) and len(capped) > len(expected(rows[:2]))
+    shares = [HFTextStreamingLMDataset(str(tmp_path / "ds"), tok, 16, text_key="story", rank=r, world_size=2,
+                                       max_samples=6) for r in range(2)]
+    assert all(np.array_equal(ids(s), expected(rows[r:6:2])[:len(ids(s))])
+                                                   for r, s in enumerate(shares))
+    with pytest.raises(ValueError, match="max_samples"):
+        HFTextStreamingLMDataset("x", tok, 16, max_samples=0)

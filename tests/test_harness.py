@@ -6,6 +6,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from conftest import SHARED_DATA
 from psann.cli import main as cli
@@ -107,6 +108,29 @@ def test_model_args_win_over_lm_evals_device_and_batch_size(ckpt):
     assert lm.batch_size == 2 and str(lm._device) == "cpu"
     lm = PsannLM.create_from_arg_obj({"ckpt": ckpt}, {"device": "cpu", "batch_size": 3, "max_batch_size": None})
     assert lm.batch_size == 3
+
+
+def test_batch_size_auto_halves_until_a_batch_fits(ckpt, monkeypatch):
+    lm = PsannLM(ckpt=ckpt, device="cpu", batch_size="auto", max_batch_size=16)
+    assert lm.batch_size == 16  # nothing runs out of memory on this tiny model
+    model = lm.scorer.model
+    calls, forward = [], type(model).forward
+
+    def limited(self, x, *args, **kwargs):  # an accelerator that holds at most 5 windows
+        calls.append(tuple(x.shape))
+        if x.shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", limited)
+    width = model.config.max_seq_len  # probes use the full context: the longest windows come first
+    assert lm.scorer.find_batch_size(64) == 4 and calls == [(n, width) for n in (64, 32, 16, 8, 4)]
+    monkeypatch.setattr(type(model), "forward", lambda self, x, *a, **k: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    with pytest.raises(ConfigError, match="does not fit in memory"):
+        lm.scorer.find_batch_size(2)
+    with pytest.raises(ConfigError, match="auto:4"):
+        PsannLM(ckpt=ckpt, device="cpu", batch_size="auto:4")
 
 
 def test_chat_template_and_names(lm):

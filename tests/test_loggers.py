@@ -183,3 +183,41 @@ def test_a_training_run_writes_every_chosen_backend(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train step 4: loss" in err and "val step 4: val_loss" in err
     assert (run / "loss_curve.png").stat().st_size > 1000
+
+
+def test_norms_and_wandb_artifacts_of_a_training_run(tmp_path, monkeypatch):
+    """train.log_norms adds the weight norm and each block's output RMS (H-Net: blocks at every
+    stage); train.wandb_artifacts logs the final and best checkpoints and the tokenizer."""
+    import torch
+
+    from psann.lm.train.checkpoint import load_checkpoint
+
+    for var, value in (("WANDB_SILENT", "true"), ("WANDB_MODE", "offline"), ("WANDB_CONFIG_DIR", tmp_path / "config"),
+                       ("WANDB_CACHE_DIR", tmp_path / "cache"), ("WANDB_DATA_DIR", tmp_path / "data")):
+        monkeypatch.setenv(var, str(value))
+    text = ["the red cat sat on the blue mat. the big dog ran to the old owl. " * 4] * 6
+    dp = psannLMDataPrep(text, tokenizer="byte", max_length=32, val_split=0.2, seed=0)
+    lm = psannLM(base="hnet", d_model=[32, 48], num_blocks=[[1, 0, 1], [1]], n_heads=2)
+    run = tmp_path / "run"
+    lm.fit(dp, max_steps=2, batch_tokens=128, lr=3e-3, amp="fp32", progress=False, log_interval_steps=2,
+           eval_interval_steps=2, eval_batches=1, device="cpu", checkpoint_dir=str(run), plot=False,
+           loggers=["jsonl", "wandb"], log_norms=True, wandb_artifacts=True)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-2]
+    assert last["kind"] == "train" and last["step"] == 2
+    acts = {k for k in last if k.startswith("act_rms.")}
+    assert acts == {"act_rms.stage.encoder.blocks.0", "act_rms.stage.inner.main.blocks.0",
+                    "act_rms.stage.decoder.blocks.0"} and all(last[k] > 0 for k in acts)
+    model = load_checkpoint(run / "checkpoints/final")[0]  # logged after the last step: the final weights
+    expected = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
+    assert last["weight_l2_norm"] == pytest.approx(float(expected), rel=1e-6)
+    [log_file] = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline, artifacts = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        records = wandb_records(log_file)
+        artifacts = [r.artifact for kind, r in records if kind == "artifact"]
+        if any(kind == "exit" for kind, _ in records):
+            break
+        time.sleep(0.2)
+    assert sorted((a.type, a.name) for a in artifacts) == [("model", "run-model"), ("model", "run-model"),
+                                                          ("tokenizer", "run-tokenizer")]
+    assert [sorted(a.aliases) for a in artifacts if a.type == "model"] == [["best", "latest"], ["final", "latest"]]

@@ -13,25 +13,33 @@ import torch
 from safetensors.torch import load_file
 
 from psann.lm.data.demo_corpus import generate_stories
+from psann.lm.errors import ConfigError
 from psann.lm.tokenizers import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO, COMMIT = "acme/tiny-tokenizer", "0123456789abcdef0123456789abcdef01234567"
 
 
-def _hf_cache(cache: Path, texts: list[str]) -> None:
+def _hub(cache: Path, files: dict[str, bytes], repo_id: str = REPO) -> None:
     """The layout huggingface_hub reads: models--ORG--NAME/{refs/main, snapshots/<commit>/FILES}."""
     pytest.importorskip("huggingface_hub")
-    repo = cache / f"models--{REPO.replace('/', '--')}"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
+    (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
+    for name, data in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(data)
+
+
+SPECIAL_MAP = json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}).encode()
+
+
+def _hf_cache(cache: Path, texts: list[str]) -> None:
     tok = build_tokenizer("tokenizers", texts, vocab_size=300)
     tok.save(cache.parent / "saved_tok")
-    (snapshot / "tokenizer.json").write_bytes((cache.parent / "saved_tok" / "tokenizer.json").read_bytes())
-    (snapshot / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                                  "pad_token": "<pad>", "unk_token": "<unk>"}))
+    _hub(cache, {"tokenizer.json": (cache.parent / "saved_tok" / "tokenizer.json").read_bytes(),
+                 "special_tokens_map.json": SPECIAL_MAP})
 
 
 def test_target_command_with_a_hub_tokenizer_a_manifest_and_a_pt_file(tmp_path):
@@ -48,13 +56,14 @@ def test_target_command_with_a_hub_tokenizer_a_manifest_and_a_pt_file(tmp_path):
            "--n-heads", "2", "--tokenizer-backend", "tokenizers", "--hf-tokenizer-repo", REPO,
            "--hf-tokenizer-filename", "tokenizer.json", "--data-manifest", str(tmp_path / "manifest.txt"),
            "--max-length", "32", "--batch-tokens", "128", "--max-steps", "2", "--checkpoint-dir", str(out),
-           "--out-ckpt", str(out / "final_model.pt"), "--exact-dedup", "--preflight",
+           "--out-ckpt", str(out / "final_model.pt"), "--exact-dedup", "--preflight", "--export-dir", str(out / "export"),
            "--train.device=cpu", "--train.amp=fp32"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, _, rest = proc.stdout.partition("\n")
     assert json.loads(first)["preflight"]["round_trip"] == "ok"
-    assert json.loads(rest)["out_ckpt"] == str(out / "final_model.pt")
+    summary = json.loads(rest)
+    assert summary["out_ckpt"] == str(out / "final_model.pt") and summary["export_dir"] == str(out / "export")
     payload = torch.load(out / "final_model.pt", weights_only=True)  # plain tensors and data: no code runs
     weights = load_file(out / "checkpoints/final/model.safetensors")
     assert set(payload["model"]) == set(weights) and all(torch.equal(payload["model"][k], weights[k]) for k in weights)
@@ -62,6 +71,19 @@ def test_target_command_with_a_hub_tokenizer_a_manifest_and_a_pt_file(tmp_path):
     assert (out / "data/index.json").is_file()  # the manifest was built into token shards with the hub tokenizer
     index = json.loads((out / "data/index.json").read_text())
     assert index["tokenizer_kind"] == "tokenizers" and "exact_dedup" in index["filters"]
+    # the export bundle: a sealed checkpoint plus the HF tokenizer files, metadata and a model card
+    bundle = out / "export"
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["base"] == "waveresnet" and meta["trained"]["steps"] == 2 and meta["tokenizer"]["kind"] == "tokenizers"
+    assert (bundle / "README.md").read_text().startswith("---\nlibrary_name: psann-lm\n")
+    from tokenizers import Tokenizer
+
+    from psann.lm import psannLM
+
+    hf_ids = Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(stories[0], add_special_tokens=False).ids
+    lm = psannLM.load(str(bundle))  # its manifest covers the added files too
+    assert hf_ids == lm.tokenizer.encode(stories[0])
+    assert json.loads((bundle / "special_tokens_map.json").read_text())["eos_token"] == "</s>"
 
 
 def test_a_repo_missing_from_the_offline_cache_is_named(tmp_path):
@@ -84,3 +106,62 @@ def test_filters_without_a_given_tokenizer_and_a_failing_preflight_stop_loudly(t
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "do not survive encode -> decode" in proc.stderr
     assert not (tmp_path / "run" / "data").exists()  # stopped before anything was built
+
+
+def test_lm_eval_custom_model_form_reads_a_pt_and_a_tokenizer_from_the_hub(tmp_path):
+    """The plan's lm-eval example (--model custom, custom_model_class, hf_repo/hf_filename, tokenizer_*),
+    run through scripts/run_lm_eval_psann.py: scores equal those of the checkpoint directory."""
+    pytest.importorskip("lm_eval")
+    from psann.lm.eval.harness import PsannLM, lm_eval_argv
+    from psann.lm.train.exports import export_state_dict
+    from test_eval_mc import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "c", tokenizer="tokenizers")
+    export_state_dict(ckpt, tmp_path / "final.pt")
+    _hub(tmp_path / "hub", {"psannlm_chat_final.pt": (tmp_path / "final.pt").read_bytes(),
+                            "tokenizer_final/tokenizer.json": (Path(ckpt) / "tokenizer/tokenizer.json").read_bytes(),
+                            "tokenizer_final/special_tokens_map.json": SPECIAL_MAP}, "acme/psannlm-chat")
+    args = ("custom_model_class=psann_adapter.PSANNLM,hf_repo=acme/psannlm-chat,hf_filename=psannlm_chat_final.pt,"
+            "tokenizer_backend=tokenizers,tokenizer_model_path=tokenizer_final/tokenizer.json,"
+            "tokenizer_special_map_path=tokenizer_final/special_tokens_map.json")
+    argv = lm_eval_argv(["--model", "custom", "--model_args", args, "--batch_size", "auto"], None, None, [])
+    assert argv[argv.index("--model") + 1] == "psann"
+    pairs = [("little tom went to the", " market"), ("little ann", " went home.")]
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as mp:  # in this process: huggingface_hub read the environment at import
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        hub = PsannLM.create_from_arg_string(args, {"device": "cpu", "batch_size": "auto", "max_batch_size": 8})
+        with pytest.raises(ConfigError, match="psann models only"):
+            PsannLM.create_from_arg_string(args.replace("psann_adapter.PSANNLM", "my.Model"), {"device": "cpu"})
+    assert hub.batch_size == 8  # nothing runs out of memory here: the search keeps its start
+    local = PsannLM(ckpt=ckpt, device="cpu")
+    assert hub.scorer.loglikelihood(pairs, 2) == local.scorer.loglikelihood(pairs, 2)
+    with pytest.raises(ConfigError, match="beside the tokenizer"):
+        PsannLM(ckpt=str(tmp_path / "final.pt"), device="cpu", tokenizer_model_path=str(Path(ckpt) / "tokenizer"),
+                tokenizer_special_map_path=str(tmp_path / "elsewhere/special_tokens_map.json"))
+
+
+def test_export_bundle_of_a_bpe_checkpoint_is_sealed_and_hf_readable(tmp_path):
+    from tokenizers import Tokenizer
+
+    from psann.lm.errors import CheckpointError
+    from psann.lm.train.exports import export_bundle
+    from psann.lm.train.checkpoint import verify_checkpoint
+    from test_eval_mc import TEXTS, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "c")  # psann's own BPE: written as an HF tokenizer.json with equal ids
+    bundle = export_bundle(ckpt, tmp_path / "bundle")
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["tokenizer"]["hf_files"] == ["tokenizer.json", "special_tokens_map.json"]
+    assert meta["trained"] == {"steps": None, "tokens_seen": None}  # an untrained checkpoint says so
+    from psann.lm.tokenizers import load_tokenizer
+
+    psann_tok = load_tokenizer(bundle / "tokenizer")
+    hf = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    assert all(hf.encode(t, add_special_tokens=False).ids == psann_tok.encode(t) for t in TEXTS[:5])
+    verify_checkpoint(bundle)
+    (bundle / "metadata.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="metadata.json"):
+        verify_checkpoint(bundle)

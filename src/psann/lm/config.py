@@ -389,6 +389,7 @@ class TrainConfig(_Validated):
     resume_from: str | None = _opt(None, "Checkpoint directory to resume from (exact continuation), or 'latest' in checkpoint_dir.")
     init_from: str | None = _opt(None, "Checkpoint directory whose weights start a new run (fresh optimizer and schedule).")
     log_interval_steps: int = _opt(10, "Steps between metric log lines.", min=1)
+    log_norms: bool = _opt(False, "Also log, at each log step, the weights' global L2 norm (weight_l2_norm) and the RMS of each block's output in that step's last training forward (act_rms.<block>), averaged over ranks.")
     eval_interval_steps: int = _opt(200, "Steps between validation runs (0: only at the end).", min=0)
     eval_batches: int | None = _opt(None, "Cap on validation micro-batches per evaluation (default: the whole validation set).", min=1)
     eval_mc_draws: int = _opt(4, "diffusion models: Monte-Carlo draws per sequence of the validation NELBO (val_loss is that bound).", min=1)
@@ -401,9 +402,10 @@ class TrainConfig(_Validated):
     wandb_project: str = _opt("psann-lm", "wandb only: the W&B project.")
     wandb_run_name: str | None = _opt(None, "wandb only: the W&B run name (default: the run directory's name).")
     wandb_entity: str | None = _opt(None, "wandb only: the W&B entity (user or team) the run belongs to (default: your W&B default).")
+    wandb_artifacts: bool = _opt(False, "wandb only: when training ends, log the final and best checkpoints (type model) and the tokenizer files (type tokenizer) as W&B artifacts.")
     wandb_mode: str = _opt("offline", "wandb only: offline (files only, no network; upload later with `wandb sync`), online, or disabled (W&B does nothing).", choices=WANDB_MODES)
 
-    WANDB_ONLY: typing.ClassVar[tuple] = ("wandb_project", "wandb_run_name", "wandb_entity", "wandb_mode")
+    WANDB_ONLY: typing.ClassVar[tuple] = ("wandb_project", "wandb_run_name", "wandb_entity", "wandb_mode", "wandb_artifacts")
 
     def check(self) -> None:
         check_logger_names(self.loggers)

@@ -208,3 +208,23 @@ class DedupState:
         if exact is not None:
             self.exact.add(exact)
         return None
+
+
+class TextFilter:
+    """All of `cfg`'s filters for one reader, in one call: text -> the filter that removes it, or
+    None. Builds and streaming datasets share it; a build splits the same work over processes
+    (FeatureExtractor in workers, DedupState in order), which gives the same decisions."""
+
+    def __init__(self, cfg: FilterConfig):
+        contamination = eval_ngrams(cfg.decontaminate, cfg.ngram) if cfg.decontaminate else frozenset()
+        self.features, self.dedup, self.seen = FeatureExtractor(cfg, contamination), DedupState(cfg), 0
+        self.removed = {name: 0 for name in FILTER_ORDER}
+
+    def __call__(self, text: str) -> str | None:
+        reason, exact, signature = self.features(text)
+        if reason is None:
+            reason = self.dedup.check(self.seen, exact, signature)
+        self.seen += 1
+        if reason is not None:
+            self.removed[reason] += 1
+        return reason

@@ -81,6 +81,13 @@ def text_windows(docs: Sequence[str], tokenizer, max_length: int) -> Windows:
     return _open_splits(cache, DataConfig(max_length=max_length), tokenizer, temporary=temporary)[0]
 
 
+def token_windows(ids: np.ndarray, tokenizer, max_length: int) -> Windows:
+    """Packed windows over an array of token ids (for evaluation), the same way."""
+    cache, temporary = _cache(DataConfig())
+    write_documents(cache, tokenizer, {"train": [ids]}, encoded=True)
+    return _open_splits(cache, DataConfig(max_length=max_length), tokenizer, temporary=temporary)[0]
+
+
 def prepare_texts(texts: str | os.PathLike | Iterable[str | os.PathLike], config: DataConfig,
                   val_texts: Iterable[str | os.PathLike] | None = None) -> PreparedData:
     """Documents (strings or file paths) -> tokenizer trained on the training documents (or

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import tempfile
+from pathlib import Path
 
 try:
     from lm_eval.api.model import LM
@@ -26,20 +27,28 @@ from ..config import GenerateConfig
 from ..infer.generate import generate_text
 from ..objectives import objective_for
 from ..train.checkpoint import load_checkpoint
+from ..train.exports import load_exported
 from ..train.trainer import resolve_device
 from ..errors import ConfigError, unknown_choice
-from ..tokenizers import tokenizer_fingerprint
+from ..tokenizers import build_tokenizer, tokenizer_fingerprint
+from ..tokenizers.hf import SPECIAL_MAP_FILE, hub_file
 from .loglik import Scorer
 from .tasks import offline_env, write_task_dir
 
 log = logging.getLogger("psann.lm")
 GENERATE_OPTIONS = {f.name for f in dataclasses.fields(GenerateConfig)} - {"max_new_tokens", "temperature", "stop"}
+# The 3B plan's `--model custom --model_args custom_model_class=psann_adapter.PSANNLM,...` names this class so.
+CUSTOM_CLASSES = ("psann_adapter.PSANNLM", "psann.lm.eval.harness.PsannLM")
+SOURCE_ARGS = ("custom_model_class", "hf_repo", "hf_filename", "tokenizer_backend", "tokenizer_model_path",
+               "tokenizer_special_map_path")
 
 
-def _batch_size(value) -> int:
-    if str(value).startswith("auto"):  # lm-eval's batch-size search is not implemented here
-        log.info("eval: batch_size %s -> 8 (no automatic search; pass a number to choose)", value)
-        return 8
+def _batch_size(value) -> int | str:
+    if str(value) == "auto":
+        return "auto"  # searched once the model is loaded
+    if str(value).startswith("auto:"):
+        raise ConfigError(f"batch_size={value}: searching again during the run is not supported; use auto (one "
+                          "search, at the longest windows, which come first) or a number.")
     try:
         size = int(value)
     except ValueError:
@@ -49,27 +58,70 @@ def _batch_size(value) -> int:
     return size
 
 
+def open_model(ckpt: str | None, device, custom_model_class: str | None = None, hf_repo: str | None = None,
+               hf_filename: str | None = None, tokenizer_backend: str = "auto", tokenizer_model_path: str | None = None,
+               tokenizer_special_map_path: str | None = None):
+    """(model, tokenizer, run config) from a checkpoint directory or an --out-ckpt .pt file, local
+    or a file of the Hugging Face repo `hf_repo` (through the local HF cache); the tokenizer from
+    `tokenizer_model_path` (local, else a file of `hf_repo`) when given, else the checkpoint's."""
+    if custom_model_class is not None and custom_model_class not in CUSTOM_CLASSES:
+        raise ConfigError(f"custom_model_class={custom_model_class}: this harness runs psann models only "
+                          f"({' or '.join(CUSTOM_CLASSES)}).")
+    if hf_repo:
+        if not hf_filename:
+            raise ConfigError("hf_repo needs hf_filename: the checkpoint file in the repo (e.g. final_model.pt).")
+        ckpt = str(hub_file(hf_repo, hf_filename, tokenizer=False))
+    elif hf_filename:
+        raise ConfigError("hf_filename names a file of hf_repo; give hf_repo too, or pass a local file as ckpt.")
+    if ckpt is None:
+        raise ConfigError("--model psann needs a checkpoint: --model_args ckpt=DIR (or --ckpt DIR, or hf_repo + "
+                          "hf_filename).")
+    tokenizer = None
+    if tokenizer_model_path:
+        path = Path(tokenizer_model_path).expanduser()
+        if not path.exists() and hf_repo:
+            path = hub_file(hf_repo, tokenizer_model_path)
+        if tokenizer_special_map_path:  # the roles are read beside tokenizer.json, as HF keeps them
+            beside = (path.parent if path.is_file() else path) / SPECIAL_MAP_FILE
+            given = Path(tokenizer_special_map_path).expanduser()
+            if not given.exists() and hf_repo:
+                given = hub_file(hf_repo, tokenizer_special_map_path, tokenizer=False)
+            if not (given.is_file() and beside.is_file() and given.resolve() == beside.resolve()):
+                raise ConfigError(f"tokenizer_special_map_path={tokenizer_special_map_path}: the special-token map is "
+                                  f"read from {beside}, beside the tokenizer; put it there.")
+        tokenizer = build_tokenizer(tokenizer_backend, model_path=path)
+    elif tokenizer_special_map_path or tokenizer_backend != "auto":
+        raise ConfigError("tokenizer_backend and tokenizer_special_map_path go with tokenizer_model_path.")
+    if Path(ckpt).is_file():
+        return load_exported(ckpt, device, tokenizer)
+    model, saved, config = load_checkpoint(str(ckpt), device)
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(saved):
+        log.warning("eval: tokenizer_model_path gives another tokenizer than the one %s was trained with.", ckpt)
+    return model, tokenizer or saved, config
+
+
 @register_model("psann")
 class PsannLM(LM):
     """A psann checkpoint behind lm-eval's three request types. Diffusion checkpoints answer
     loglikelihood with a Monte-Carlo lower bound (`mc_draws` draws; a warning says so at load,
-    and `is_bound` is True). `max_batch_size`, the bound of lm-eval's batch-size search, is accepted
-    and unused."""
+    and `is_bound` is True). batch_size=auto searches for the largest batch that fits, from
+    `max_batch_size` (lm-eval's bound, 64 by default) down by halves."""
 
-    ARGS = ("ckpt", "device", "batch_size", "max_length", "mc_draws", "seed", "max_gen_toks")
+    ARGS = ("ckpt", "device", "batch_size", "max_length", "mc_draws", "seed", "max_gen_toks", *SOURCE_ARGS)
 
     def __init__(self, ckpt: str | None = None, device: str = "auto", batch_size=8, max_length: int | None = None,
-                 mc_draws: int = 16, seed: int = 0, max_gen_toks: int = 256, max_batch_size=None, **unknown):
+                 mc_draws: int = 16, seed: int = 0, max_gen_toks: int = 256, max_batch_size=64, **source):
         super().__init__()
+        unknown = set(source) - set(SOURCE_ARGS)
         if unknown:
-            raise ConfigError(unknown_choice("psann model_args key", next(iter(unknown)), self.ARGS))
-        if ckpt is None:
-            raise ConfigError("--model psann needs a checkpoint: --model_args ckpt=DIR (or --ckpt DIR).")
-        model, tokenizer, config = load_checkpoint(str(ckpt), resolve_device(str(device), "device"))
+            raise ConfigError(unknown_choice("psann model_args key", sorted(unknown)[0], self.ARGS))
+        model, tokenizer, config = open_model(ckpt, resolve_device(str(device), "device"), **source)
         self.objective = objective_for(config.model)
         self.scorer = Scorer.for_model(model, tokenizer, config.model, None if max_length is None else int(max_length),
                                        int(mc_draws), int(seed))
         self.batch_size, self.seed, self.max_gen_toks = _batch_size(batch_size), int(seed), int(max_gen_toks)
+        if self.batch_size == "auto":
+            self.batch_size = self.scorer.find_batch_size(int(max_batch_size or 64))
         self._device = next(model.parameters()).device
 
     @classmethod
@@ -181,6 +233,11 @@ def _underscored(arg: str) -> str:
 def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, task_names: list[str]) -> list[str]:
     """The arguments of `lm-eval run`: ours filled in (model psann, device auto, batch size 8 unless given)."""
     out = [_underscored(a) for a in argv]
+    for i, arg in enumerate(out):  # the 3B plan's spelling (its model_args name this class)
+        if arg in ("--model", "-M") and i + 1 < len(out) and out[i + 1] == "custom":
+            out[i + 1] = "psann"
+        elif arg == "--model=custom":
+            out[i] = "--model=psann"
     if not _has(out, "--model", "-M"):
         out += ["--model", "psann"]
     if ckpt:

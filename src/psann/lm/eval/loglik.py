@@ -211,6 +211,31 @@ class Scorer:
     def span(self) -> int:
         return self.max_len if self.diffusion else self.max_len + 1
 
+    @torch.no_grad()
+    def find_batch_size(self, largest: int = 64) -> int:
+        """The largest batch, from `largest` down by halves, whose forward over full-context windows
+        runs without running out of memory (lm-eval's `--batch_size auto`). Windows are scored
+        longest first, so the first batch of a run is the biggest it will see."""
+        device = next(self.model.parameters()).device
+        size, probe = largest, MonteCarlo(self.diffusion.mask_id, 1) if self.diffusion else None
+        while True:
+            rows = [([self.tokenizer.bos_id] * self.span, 1)] * size
+            try:
+                (_diffusion_batch(self.model, rows, self.tokenizer.pad_id, device, probe) if probe
+                 else _causal_batch(self.model, rows, self.tokenizer.pad_id, device))
+                log.info("eval: batch_size auto -> %d (%d-token windows%s)", size, self.span,
+                         "" if size < largest else f"; the search starts at max_batch_size={largest}")
+                return size
+            except RuntimeError as exc:  # torch.OutOfMemoryError on CUDA; the CPU allocator's is a plain RuntimeError
+                if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                    raise
+                if size == 1:
+                    raise ConfigError(f"eval: one {self.span}-token window does not fit in memory on {device}; "
+                                      "lower max_length or use a device with more memory.") from None
+                size //= 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], batch_size: int,
                       desc: str | None = None) -> list[tuple[float, bool]]:
         """(log p(continuation | context), is_greedy) per (context, continuation) text pair."""

@@ -39,8 +39,9 @@ TRAIN_LAYOUT = {
     "data": {"np_dat_train_path": (None, None), "total_train_tokens": (None, None), "np_dat_valid_path": (None, None),
              "total_val_tokens": (None, None), "tokenizer_dir": ("data.tokenizer_model_path", None)},
     "logging": {"backend": (None, "console"), "run_name": ("train.wandb_run_name", None),
-                "architecture": (None, "TransformerLM"), "dataset": (None, None)},
-    "wandb": {"entity": ("train.wandb_entity", None), "project": ("train.wandb_project", "psann-lm")},
+                "architecture": (None, "TransformerLM"), "dataset": (None, None), "log_norms": ("train.log_norms", False)},
+    "wandb": {"entity": ("train.wandb_entity", None), "project": ("train.wandb_project", "psann-lm"),
+              "artifacts": ("train.wandb_artifacts", True)},
     "ddp": {"backend": (None, None), "optimizer_state_sharding": (None, True)},
 }
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -142,10 +143,29 @@ def _check_totals(path: str, values: dict, config: RunConfig) -> None:
         source = config.data.tokenizer_model_path or token_array_tokenizer(data[file_key])
         if not Path(source).exists():
             return  # preparing the data names the missing tokenizer
-        n = _count_tokens(data[file_key], build_tokenizer("auto", model_path=source).vocab_size)
-        if n != int(data[total_key]):
-            raise ConfigError(f"{path}: [data].{total_key}={data[total_key]} but {data[file_key]} holds {n} tokens; "
-                              f"set {total_key} = {n}.")
+        _check_totals_of(path, data[file_key], data[total_key], build_tokenizer("auto", model_path=source).vocab_size,
+                         total_key)
+
+
+def _check_totals_of(path: str, file: str, total: int | None, vocab_size: int, key: str = "total_val_tokens") -> None:
+    if total is None:
+        return
+    n = _count_tokens(file, vocab_size)
+    if n != int(total):
+        raise ConfigError(f"{path}: [data].{key}={total} but {file} holds {n} tokens; set {key} = {n}.")
+
+
+def check_mask_id(path: str, inference: dict, lm) -> None:
+    if inference["mask_id"] is not None and inference["mask_id"] != lm.model_config.mask_token_id:
+        raise ConfigError(f"{path}: [inference].mask_id={inference['mask_id']} but {inference['checkpoint']} was trained "
+                          f"with mask token {lm.model_config.mask_token_id}; set mask_id to that or remove it.")
+
+
+def generate_options(inference: dict) -> dict:
+    """An [inference] table as psann-lm generation options."""
+    options = {"max_new_tokens": inference["gen_length"], "temperature": inference["temperature"]}
+    options.update({k: inference[k] for k in ("steps", "block_length", "seed", "top_p") if inference[k] is not None})
+    return options
 
 
 def _parser(prog: str, what: str) -> argparse.ArgumentParser:
@@ -197,17 +217,14 @@ def infer_main(argv: list[str] | None = None) -> int:
     def run() -> int:
         values = read_layout(args.config, INFER_LAYOUT, only=("inference.checkpoint",))
         inf = values["inference"]
-        options = {"max_new_tokens": inf["gen_length"], "temperature": inf["temperature"]}
-        options.update({k: inf[k] for k in ("steps", "block_length", "seed", "top_p") if inf[k] is not None})
+        options = generate_options(inf)
         if args.print_config:
             print(json.dumps({"toml": values, "psann": {"checkpoint": inf["checkpoint"], "generate": options}}, indent=2))
             return 0
         from .. import psannLM  # lazy: torch
 
         lm = psannLM.load(inf["checkpoint"], device=values["model"]["device"])
-        if inf["mask_id"] is not None and inf["mask_id"] != lm.model_config.mask_token_id:
-            raise ConfigError(f"{args.config}: [inference].mask_id={inf['mask_id']} but {inf['checkpoint']} was trained "
-                              f"with mask token {lm.model_config.mask_token_id}; set mask_id to that or remove it.")
+        check_mask_id(args.config, inf, lm)
         start = time.perf_counter()
         output = lm.generate(inf["prompt"], **options)
         latency = (time.perf_counter() - start) * 1000

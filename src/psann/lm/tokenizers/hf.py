@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -208,22 +209,23 @@ class HFTokenizer(Tokenizer):
         return check_against_meta(cls(tok, roles), meta, directory)  # type: ignore[return-value]
 
 
-def hub_file(repo: str, filename: str) -> Path:
+def hub_file(repo: str, filename: str, *, tokenizer: bool = True) -> Path:
     """`filename` of the Hugging Face repo `repo`, through the local HF cache (huggingface_hub: with
-    HF_HUB_OFFLINE=1, or when the hub is out of reach, the cached copy is used). A
-    special_tokens_map.json in the repo is fetched beside it, for the tokenizer's roles."""
+    HF_HUB_OFFLINE=1, or when the hub is out of reach, the cached copy is used). For a tokenizer,
+    a special_tokens_map.json beside it in the repo is fetched too, for the tokenizer's roles."""
     try:
         from huggingface_hub import hf_hub_download  # lazy: the hf extra
     except ImportError:
-        raise DataError("--hf-tokenizer-repo needs huggingface_hub: pip install 'psann-lm[hf]'.") from None
+        raise DataError(f"reading {filename} of {repo} needs huggingface_hub: pip install 'psann-lm[hf]'.") from None
     try:
         path = Path(hf_hub_download(repo, filename))
     except Exception as exc:  # network, missing repo or file, an empty cache offline: its message says which
         raise DataError(f"cannot get {filename} of {repo} from the Hugging Face hub or its local cache "
                         f"({type(exc).__name__}: {exc}). Offline, the file must be in the cache (HF_HUB_CACHE); "
-                        "or pass a local file with --tokenizer-model-path.") from None
-    try:
-        hf_hub_download(repo, "special_tokens_map.json")
-    except Exception:  # many repos have none: the roles then come from tokenizer.json itself
-        pass
+                        "or pass a local file instead.") from None
+    if tokenizer:
+        try:
+            hf_hub_download(repo, posixpath.join(posixpath.dirname(filename), SPECIAL_MAP_FILE))
+        except Exception:  # many repos have none: the roles then come from tokenizer.json itself
+            pass
     return path

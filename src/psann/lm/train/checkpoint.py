@@ -50,7 +50,7 @@ from psann import __version__
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError, PsannError
 from ..models import build_model
-from ..files import fsync_dir, fsync_file, fsync_tree, raise_os_error, read_json, temp_name
+from ..files import fsync_dir, fsync_tree, raise_os_error, read_json, temp_name
 from ..tokenizers import load_tokenizer
 
 log = logging.getLogger("psann.lm")
@@ -78,7 +78,7 @@ def _fault_point(name: str) -> None:
 
 # -- writing ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _writing(path: Path):
+def writing(path: Path):
     """OS errors name `path` and the cause (disk full: how much is free; permission)."""
     try:
         yield
@@ -87,18 +87,18 @@ def _writing(path: Path):
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with _writing(path):
+    with writing(path):
         path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _save_torch(obj: Any, path: Path) -> None:
+def save_torch(obj: Any, path: Path) -> None:
     # Through a Python file object: torch.save(obj, path) reports a full disk with no path or errno.
-    with _writing(path), open(path, "wb") as fh:
+    with writing(path), open(path, "wb") as fh:
         torch.save(obj, fh)
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    with _writing(path):
+    with writing(path):
         try:
             save_model(model, str(path))
         except Exception as exc:  # safetensors' writer reports OS errors as text: "... (os error 28) ..."
@@ -136,8 +136,8 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module | None, token
     if model is not None and (bad := first_non_finite(model.state_dict().items())):
         raise non_finite_error(bad, directory)
     tmp = staged or temp_name(directory)
-    with _published_as(directory, tmp):
-        with _writing(tmp):
+    with published_as(directory, tmp):
+        with writing(tmp):
             directory.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir(exist_ok=staged is not None)
         if model is not None:
@@ -145,14 +145,14 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module | None, token
         _fault_point("weights-written")
         _write_json(tmp / CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION,
                                    "psann_version": __version__, "config": config.to_dict()})
-        with _writing(tmp / TOKENIZER):
+        with writing(tmp / TOKENIZER):
             tokenizer.save(tmp / TOKENIZER)
         if trainer_state is not None:
             _write_json(tmp / STATE, trainer_state)
         if optimizer_state is not None:
-            _save_torch(optimizer_state, tmp / OPTIMIZER)
+            save_torch(optimizer_state, tmp / OPTIMIZER)
         if rng_state is not None:
-            _save_torch(rng_state, tmp / RNG)
+            save_torch(rng_state, tmp / RNG)
         _fault_point("files-written")
     return directory
 
@@ -190,14 +190,14 @@ def write_manifest(directory: str | os.PathLike) -> None:
 
 def _seal(tmp: Path) -> None:
     """Same mode for every file (safetensors writes 0600), the manifest last, then all of it durable."""
-    with _writing(tmp):
+    with writing(tmp):
         mode = _new_file_mode(tmp)
         for path in tmp.rglob("*"):
             if path.is_file():
                 os.chmod(path, mode)
     write_manifest(tmp)
     _fault_point("sealed")
-    with _writing(tmp):
+    with writing(tmp):
         fsync_tree(tmp)
     _fault_point("synced")
 
@@ -206,7 +206,7 @@ def _publish(tmp: Path, directory: Path) -> None:
     """Rename `tmp` to `directory`. Replacing takes two renames (old aside, new in); a kill between
     them leaves the old checkpoint under `.NAME.old-*`, which recover_checkpoints moves back."""
     old = None
-    with _writing(directory):
+    with writing(directory):
         if directory.exists():
             old = temp_name(directory, "old")
             os.replace(directory, old)
@@ -224,43 +224,8 @@ def _publish(tmp: Path, directory: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)  # a kill midway leaves a leftover for recover_checkpoints
 
 
-def copy_checkpoint(source: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """The weights, config and tokenizer of checkpoint `source` (verified) copied to `directory`,
-    sealed and published like a save (an existing one is replaced only once the copy is complete)."""
-    source, directory = resolve_checkpoint(source), Path(directory)
-    verify_checkpoint(source, WEIGHTS, CONFIG, TOKENIZER)
-    tmp = temp_name(directory)
-    with _published_as(directory, tmp), _writing(tmp):
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        shutil.copy2(source / WEIGHTS, tmp / WEIGHTS)
-        shutil.copy2(source / CONFIG, tmp / CONFIG)
-        shutil.copytree(source / TOKENIZER, tmp / TOKENIZER)
-    return directory
-
-
-def export_state_dict(source: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """The weights of checkpoint `source` (verified) as one PyTorch file {"model": state dict,
-    "config": the run config}, tensors and plain data only, so torch.load(weights_only=True) reads
-    it. The tokenizer stays in the checkpoint directory, which the file names."""
-    source, path = resolve_checkpoint(source), Path(path)
-    verify_checkpoint(source, WEIGHTS, CONFIG)
-    payload = {"model": load_file(source / WEIGHTS), "config": read_json(source / CONFIG, CheckpointError, "config"),
-               "tokenizer_dir": str((source / TOKENIZER).resolve())}
-    tmp = temp_name(path)
-    with _writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _save_torch(payload, tmp)
-            fsync_file(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path
-
-
 @contextlib.contextmanager
-def _published_as(directory: Path, tmp: Path):
+def published_as(directory: Path, tmp: Path):
     """What the block writes into `tmp` is sealed and renamed to `directory`; on any error `tmp`
     is removed and the previous `directory` is left as it was."""
     try:
@@ -492,7 +457,7 @@ def _dcp_load(state: dict, directory: Path) -> None:
     load_shards(state, directory / SHARDED)
 
 
-def _load_torch(path: Path) -> Any:
+def load_torch(path: Path) -> Any:
     """Tensors and plain data only: a pickle that would build anything else is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -547,7 +512,7 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{directory} cannot be resumed: missing {', '.join(missing)} {hint}")
     verify_checkpoint(directory, STATE, RNG)
     state = _read_trainer_state(directory / STATE)
-    return state, _check_rng(_load_torch(directory / RNG), directory / RNG)
+    return state, _check_rng(load_torch(directory / RNG), directory / RNG)
 
 
 def load_model_and_optimizer(directory: str | os.PathLike, model: nn.Module, optimizer, sharded_model: bool) -> None:
@@ -576,7 +541,7 @@ def _load_model_and_optimizer(directory: Path, model: nn.Module, optimizer, shar
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return
     verify_checkpoint(directory, OPTIMIZER)
-    optim_sd = _load_torch(directory / OPTIMIZER)
+    optim_sd = load_torch(directory / OPTIMIZER)
     if not isinstance(optim_sd, dict):
         raise CheckpointError(f"{directory / OPTIMIZER} does not hold an optimizer state; it is corrupt.")
     if optim_sd.get("format") == "zero":

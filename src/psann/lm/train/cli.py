@@ -20,7 +20,7 @@ from ..tokenizers import build_tokenizer
 from ..errors import ConfigError, PsannError
 from ..tokenizers.hf import hub_file
 from ..models import check_model_config
-from .checkpoint import copy_checkpoint, export_state_dict
+from .exports import copy_checkpoint, export_bundle, export_state_dict
 from .dry_run import describe, plan_run
 from .run import apply_start_checkpoint, train
 
@@ -88,6 +88,9 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
                         "on a mismatch")
     parser.add_argument("--out-ckpt", help="also write the final weights: a directory (weights, config, tokenizer), or "
                         "X.pt, a PyTorch file {model: state dict, config} that torch.load(weights_only=True) reads")
+    parser.add_argument("--export-dir", help="also write an export bundle for a model hub: the final checkpoint plus "
+                        "tokenizer.json/special_tokens_map.json (when the tokenizer has them), metadata.json and a "
+                        "README.md model card")
     parser.add_argument("--dry-run", action="store_true", help="print parameters, per-GPU memory, FLOPs/token and time "
                         "to the token budget, then exit (touches no GPU)")
     parser.add_argument("--world-size", type=int, default=None, help="dry run: number of GPUs (default: WORLD_SIZE or 1)")
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cl
         if args.out_ckpt and int(os.environ.get("RANK", "0")) == 0:
             export = export_state_dict if args.out_ckpt.endswith(".pt") else copy_checkpoint
             summary["out_ckpt"] = str(export(summary["final_checkpoint"], args.out_ckpt))
+        if args.export_dir and int(os.environ.get("RANK", "0")) == 0:
+            summary["export_dir"] = str(export_bundle(summary["final_checkpoint"], args.export_dir))
     except PsannError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -194,6 +194,19 @@ class WandbLogger:
         kind = record.get("kind")
         self._run.log({f"{kind}/{k}": v for k, v in scalars(record).items()}, step=record.get("step"))
 
+    def log_artifacts(self, checkpoints: dict[str, Path]) -> None:
+        """Each checkpoint as a version of one `model` artifact, aliased by its name (final last, so
+        W&B's `latest` is the final one), and the tokenizer files once as a `tokenizer` artifact."""
+        wandb, name = _optional(OPTIONAL["wandb"], "wandb"), self._run.name
+        for alias, directory in sorted(checkpoints.items(), key=lambda item: item[0] == "final"):
+            artifact = wandb.Artifact(f"{name}-model", type="model", metadata={"checkpoint": alias})
+            artifact.add_dir(str(directory))
+            self._run.log_artifact(artifact, aliases=[alias])
+        tokenizer = next(iter(checkpoints.values())) / "tokenizer"
+        artifact = wandb.Artifact(f"{name}-tokenizer", type="tokenizer")
+        artifact.add_dir(str(tokenizer))
+        self._run.log_artifact(artifact)
+
     def close(self) -> None:
         self._run.finish()
 
@@ -207,6 +220,11 @@ class Loggers:
     def log(self, record: dict) -> None:
         for backend in self.backends:
             backend.log(record)
+
+    def log_artifacts(self, checkpoints: dict[str, Path]) -> None:
+        for backend in self.backends:
+            if hasattr(backend, "log_artifacts"):
+                backend.log_artifacts(checkpoints)
 
     def close(self) -> None:
         for backend in self.backends:

@@ -20,6 +20,7 @@ from ..errors import ConfigError, TrainingError
 from ..objectives import objective_for
 from ..profiling import memory_snapshot_from_env, nvtx_range
 from .loggers import Loggers, open_loggers
+from .norms import NormProbe
 from .metrics import plot_loss_curve
 from . import checkpoint as ckpt
 from .checkpointer import Checkpointer, check_same_tokenizer
@@ -133,6 +134,7 @@ class Trainer:
             self.best_val = state.get("best_val_loss", math.inf)
             self.skipped_steps, self.resumed_step = state.get("skipped_steps", 0), self.step
         self.model_has_aux = "return_aux" in inspect.signature(self.model.forward).parameters
+        self.norms = NormProbe(self.model) if cfg.log_norms else None
         self.flops_per_token = self.model.flops_per_token(self.plan.max_length)
         self.peak_tflops, self.peak_source = peak_tflops(device, self.amp_dtype, cfg.peak_tflops)
 
@@ -279,6 +281,10 @@ class Trainer:
                 last_eval = self._steps(metrics, bar, start)
             last_eval = self._eval_and_track(metrics, start) or last_eval
             final = self.save("final")
+            if cfg.wandb_artifacts:
+                self.checkpointer.finish_pending()  # the best checkpoint may still be writing
+                best = self.run_dir / "checkpoints" / "best"
+                metrics.log_artifacts({"final": final, **({"best": best} if best.is_dir() else {})})
         finally:
             metrics.close()
         return self._summary(final, last_eval, time.perf_counter() - start)
@@ -340,7 +346,18 @@ class Trainer:
             keys = sorted(window.aux)
             sums = all_reduce_sum([window.aux[k] for k in keys], self.dist, self.device)
             rec.update({k: v / (window.steps * self.dist.world_size) for k, v in zip(keys, sums)})
+        if self.norms is not None:
+            rec.update(self._norm_record())
         return rec
+
+    def _norm_record(self) -> dict:
+        """train.log_norms: activation RMS averaged over ranks; the weight norm over every shard."""
+        acts = self.norms.activations()
+        keys = sorted(acts)
+        [square, *sums] = all_reduce_sum([self.norms.weight_square_sum(), *(acts[k] for k in keys)], self.dist, self.device)
+        if self.mode != "fsdp":
+            square /= self.dist.world_size  # every rank holds all the weights
+        return {"weight_l2_norm": square ** 0.5, **{k: v / self.dist.world_size for k, v in zip(keys, sums)}}
 
     def _summary(self, final: Path, last_eval: dict | None, elapsed: float) -> dict:
         summary = {"run_dir": str(self.run_dir), "final_checkpoint": str(final), "steps": self.step,
