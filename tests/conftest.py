@@ -1,4 +1,3 @@
-import logging
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,3 @@ def tiny_config(**overrides) -> ModelConfig:
 def tiny_model():
     torch.manual_seed(0)
     return build_model(tiny_config()).eval()
-
-
-@pytest.fixture(autouse=True)
-def _psann_logs_propagate():
-    # psann.lm logs to its own handler; let caplog see the records too.
-    logger = logging.getLogger("psann.lm")
-    logger.propagate = True
-    yield
-    logger.propagate = False

@@ -131,3 +131,14 @@ def test_gpu_validation_checks_have_names_and_only_picks_them():
     if not torch.cuda.is_available():
         only = run("scripts/run_gpu_validation.py", "--only", "GPU-03")
         assert "no CUDA device" in only.stdout and "GPU-03" in only.stdout
+
+
+def test_the_library_configures_no_output_and_python_m_psann_runs_the_cli():
+    """Importing psann.lm adds a NullHandler only; the commands set up their stderr lines."""
+    code = ("import logging, psann.lm, psann.lm.api\n"
+            "handlers = logging.getLogger('psann.lm').handlers\n"
+            "assert [type(h).__name__ for h in handlers] == ['NullHandler'], handlers\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "psann", "tokenizer", "stats", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "usage: psannlm tokenizer stats" in done.stdout

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from psann import __version__
+from psann.lm.console import setup_logging
 from psann.lm.data.cli import add_parser as add_data_parser
 from psann.lm.data.cli import run as run_data
 from psann.lm.data.text import read_text_file, split_documents
@@ -18,6 +19,8 @@ from psann.lm.report.html import add_parser as add_report_parser
 from psann.lm.report.html import run as run_report
 from psann.lm.report.suite import add_parser as add_bench_parser
 from psann.lm.report.suite import run as run_bench
+from psann.lm.serve.cli import add_parser as add_serve_parser
+from psann.lm.serve.cli import run as run_serve
 from psann.lm.tokenizers.cli import add_parser as add_tokenizer_parser
 from psann.lm.tokenizers.cli import run as run_tokenizer
 
@@ -252,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
+    add_serve_parser(sub)
     for _, p in command_parsers(parser):  # every command (and sub-command) can show what it would run with
         if not any("--print-config" in a.option_strings for a in p._actions):
             p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"] and argv[1:2] in (["harness"], ["mc"]):  # before argparse: `eval` alone needs --ckpt/--data
         try:
@@ -302,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(args)
         if args.command == "report":
             return run_report(args)
+        if args.command == "serve":
+            return run_serve(args)
         return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[args.command](args)
     except PsannError as exc:
         print(f"error: {exc}", file=sys.stderr)

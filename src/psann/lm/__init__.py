@@ -8,7 +8,6 @@ The model-facing API (and torch) is imported on first use, so light tools such a
 
 import importlib as _importlib
 import logging as _logging
-import os as _os
 
 from .errors import CheckpointError, ConfigError, DataError, PsannError
 
@@ -27,22 +26,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _default_logging() -> None:
-    # Progress and plan lines are part of the product; show them unless the user configured logging.
-    # LOG_LEVEL=DEBUG (or WARNING, ...) sets the level, as the earlier LM_training scripts did.
-    logger = _logging.getLogger("psann.lm")
-    if not logger.handlers:
-        handler = _logging.StreamHandler()
-        handler.setFormatter(_logging.Formatter("psann: %(message)s"))
-        logger.addHandler(handler)
-        level = _os.environ.get("LOG_LEVEL", "INFO").upper()
-        logger.setLevel(level if level in _logging.getLevelNamesMapping() else _logging.INFO)
-        logger.propagate = False
-        if level not in _logging.getLevelNamesMapping():
-            logger.warning("LOG_LEVEL=%s is not a logging level (DEBUG, INFO, WARNING, ERROR); using INFO.", level)
-
-
-_default_logging()
+_logging.getLogger("psann.lm").addHandler(_logging.NullHandler())  # a library configures no output (console.py)
 
 __all__ = [
     "psannLM", "psannLMDataPrep", "ModelConfig", "DataConfig", "TrainConfig", "GenerateConfig", "RunConfig",

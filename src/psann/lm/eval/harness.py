@@ -24,6 +24,7 @@ except ImportError as exc:  # an optional extra
     raise ImportError("the lm-eval harness needs the 'eval' extra: pip install 'psann-lm[eval]'") from exc
 
 from ..config import GenerateConfig
+from ..console import setup_logging
 from ..infer.generate import generate_text
 from ..objectives import objective_for
 from ..train.checkpoint import load_checkpoint
@@ -257,6 +258,7 @@ def lm_eval_argv(argv: list[str], ckpt: str | None, include_path: str | None, ta
 
 
 def main(argv: list[str] | None = None, prog: str = "psannlm eval harness") -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
         description="Run lm-eval on a psann checkpoint (lm-eval's --model psann).",

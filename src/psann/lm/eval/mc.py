@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import setup_logging
 from ..errors import DataError
 from ..train.trainer import resolve_device
 from .loglik import Scorer
@@ -45,6 +46,7 @@ def score_rows(scorer, rows: list[dict], batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "psannlm eval mc") -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(prog=prog, description="Multiple-choice accuracy (acc, acc_norm, acc_bytes) of a "
                                      "checkpoint on JSONL files, as the harness's psann_mc task scores them.")
     printing = "--print-config" in (sys.argv[1:] if argv is None else argv)  # shows the options; needs none of them

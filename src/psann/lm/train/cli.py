@@ -13,6 +13,7 @@ import os
 import sys
 
 from ..config import RunConfig, dump_config, load_config
+from ..console import setup_logging
 from ..data.cli import add_filter_args, filters_from_args
 from ..data.sources import iter_documents_from, resolve_inputs
 from ..data.text import resolve_separator
@@ -172,6 +173,7 @@ def preflight(config: RunConfig, manifest: str | None, n_samples: int = 8) -> di
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cli") -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(prog=prog, description="Train a psann-lm model from a config file.")
     add_config_args(parser)
     add_spec_args(parser)
