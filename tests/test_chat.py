@@ -54,7 +54,8 @@ def test_bpe_tokenizer_reserves_role_tokens_and_renders_them_as_single_ids(bpe):
     specials = bpe.special_token_ids
     assert ids[0] == specials["<|system|>"] and ids[-1] == specials["<|assistant|>"]
     assert ids.count(specials["<|end|>"]) == 2 and bpe.chat_stop_ids == {bpe.eos_id, specials["<|end|>"]}
-    assert bpe.decode(ids) == "Answer briefly.What colour is the sky?"  # role tokens are special: skipped
+    assert bpe.decode(ids) == text  # the round trip keeps the role tokens
+    assert bpe.decode(ids, skip_special_tokens=True) == "Answer briefly.What colour is the sky?"
 
 
 def test_plain_text_template_for_tokenizers_without_role_tokens():

@@ -142,3 +142,27 @@ def test_the_library_configures_no_output_and_python_m_psann_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "psann", "tokenizer", "stats", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "usage: psannlm tokenizer stats" in done.stdout
+
+
+def test_cli_conventions_help_overrides_suggestions_and_print_config(capsys):
+    from psann.cli import main
+    from psann.lm.config import config_keys
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for section, field, _ in config_keys():  # every key, with its type and default, from the validation metadata
+        assert f"--{section}.{field.name}  {field.type} (default " in help_text
+    assert main(["train", "--train.lr", "3e-4", "--model.n_layers=3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.0003" in printed and "n_layers: 3" in printed  # both override spellings
+    with pytest.raises(SystemExit):
+        main(["trian"])
+    assert "Did you mean 'train'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--ckpt", "x", "--temprature", "1"])
+    assert "Did you mean '--temperature'?" in capsys.readouterr().err
+    assert main(["train", "--train.lrr=3", "--print-config"]) == 2
+    assert "Did you mean 'lr'?" in capsys.readouterr().err
+    assert main(["tokenizer", "--print-config"]) == 0  # a group lists its subcommands' options
+    assert {"train", "encode", "stats"} <= set(json.loads(capsys.readouterr().out))

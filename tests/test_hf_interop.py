@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import pytest
@@ -130,15 +129,13 @@ def test_export_with_hf_tokenizer(tmp_path):
     assert hf_tok.model_max_length == model.config.max_seq_len
 
 
-def test_export_skips_non_hf_tokenizer(tmp_path, caplog):
+def test_export_refuses_a_tokenizer_without_an_hf_form(tmp_path):
     tok = build_tokenizer("byte")
     torch.manual_seed(5)
     model = build_model(tiny_config(True, vocab_size=tok.vocab_size)).eval()
-    with caplog.at_level(logging.INFO, logger="psann.lm.models.hf_interop"):
-        out = export_hf(model, tok, tmp_path / "hf")
-    assert not (out / "tokenizer.json").exists()
-    assert "no tokenizer files" in caplog.text
-    transformers.AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(ConfigError, match="'byte' tokenizer has no Hugging Face tokenizer.json"):
+        export_hf(model, tok, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_greedy_generation_matches_hf():

@@ -174,3 +174,36 @@ def test_report_renders_in_a_headless_browser(suite, hostile_run, tmp_path):
     png = shot.read_bytes()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (1280, 2000) and len(png) > 50_000  # a page with content, not a blank one
+
+
+def test_runs_with_different_tokenizers_compare_in_bits_per_byte(hostile_run, tmp_path):
+    import math
+
+    from psann.lm.report.html import measure_bytes_per_token
+    from psann.lm.tokenizers import load_tokenizer
+
+    texts = [f"the {w} sat on the mat {n} times." for n in range(30) for w in ("cat", "dog")]
+    byte_run = tmp_path / "bytes"
+    dp = psannLMDataPrep(texts, tokenizer="byte", max_length=32, val_split=0.1)
+    psannLM(d_model=32, n_layers=1, n_heads=4).fit(dp, max_steps=2, batch_tokens=128, lr=1e-2, amp="fp32",
+                                                   progress=False, log_interval_steps=1, eval_interval_steps=2,
+                                                   checkpoint_dir=str(byte_run))
+    sample = tmp_path / "sample.txt"
+    sample.write_text("\n".join(texts[:20]), encoding="utf-8")
+    out = tmp_path / "mixed.html"
+    assert main(["report", str(hostile_run), str(byte_run), "--no-samples", "--bpb-text", str(sample),
+                 "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "In bits per byte" in page and html.escape(str(sample)) in page
+    runs, _ = load_inputs([str(hostile_run), str(byte_run)])
+    measure_bytes_per_token(runs, str(sample))
+    char_run = runs[0]
+    tok = load_tokenizer(char_run.checkpoint / "tokenizer")
+    text = sample.read_text(encoding="utf-8")
+    assert char_run.bytes_per_token == len(text.encode()) / len(tok.encode(text)) and runs[1].bytes_per_token == 1.0
+    rows = _section(page, "Runs")
+    val = summarize_metrics(char_run.records)["val_loss"]
+    assert f"{val / math.log(2) / char_run.bytes_per_token:.4f}" in rows  # its val BPB
+    assert f"char {tok.vocab_size:,}" in rows and "byte 256" in rows  # the tokenizer per run
+    assert main(["report", str(hostile_run), "--no-samples", "--bpb-text", str(tmp_path / "nope.txt"),
+                 "--out", str(out)]) == 2

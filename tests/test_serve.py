@@ -186,9 +186,10 @@ def test_a_full_queue_answers_429_and_the_api_key_guards_every_route(lm):
                 greedy(c, "ann")
             gate.set()
             assert first.result()[1] == "length"
-        for path in ("/health", "/v1/models"):
+        for path in ("/", "/health", "/v1/models"):
             r = httpx.get(f"{url}{path}")
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/?api_key=sesame").status_code == 200  # the page, opened from a link
         with pytest.raises(openai.AuthenticationError):
             greedy(client(url, "wrong"), "tom")
         assert httpx.get(f"{url}/health", headers={"Authorization": "Bearer sesame"}).status_code == 200

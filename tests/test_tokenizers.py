@@ -96,8 +96,8 @@ def test_bos_eos_only_when_asked(trained, kind):
     assert tok.encode("the dog", add_eos=True) == [*plain, tok.eos_id]
     both = tok.encode("the dog", add_bos=True, add_eos=True)
     assert both == [tok.bos_id, *plain, tok.eos_id]
-    assert tok.decode(both) == "the dog"
-    shown = tok.decode(both, skip_special_tokens=False)
+    assert tok.decode(both, skip_special_tokens=True) == "the dog"
+    shown = tok.decode(both)  # special tokens are shown unless asked to skip them
     assert shown.endswith("the dog" + tok.special_tokens()[tok.eos_id])
     batch = tok.encode_batch(["the dog", "a fox"], add_bos=True)
     assert batch == [tok.encode("the dog", add_bos=True), tok.encode("a fox", add_bos=True)]
@@ -168,7 +168,7 @@ def test_external_sentencepiece_model(tmp_path):
     assert (tok.unk_id, tok.bos_id, tok.eos_id) == (sp.unk_id(), sp.bos_id(), sp.eos_id())
     assert tok.pad_id == sp.get_piece_size() and tok.vocab_size == sp.get_piece_size() + 1
     assert tok.encode("the little dog") == sp.encode("the little dog")
-    assert tok.decode([tok.pad_id, *tok.encode("the dog")]) == "the dog"
+    assert tok.decode([tok.pad_id, *tok.encode("the dog")], skip_special_tokens=True) == "the dog"
     with pytest.raises(ConfigError, match="sentencepiece"):
         build_tokenizer("tokenizers", model_path=str(model))
 
@@ -262,9 +262,9 @@ def test_byte_tokenizer_needs_no_text_and_decodes_invalid_bytes():
     text = "".join(chr(rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0xD800), rng.randrange(0xE000, 0x110000)]))
                    for _ in range(20000)) + "\ud800"  # a lone surrogate too
     assert max(tok.encode(text)) < 0xF5
-    text = tok.decode([0xC3, ord("a"), 0xE2, 0x82, tok.eos_id, 0xF0])  # broken UTF-8 everywhere
+    text = tok.decode([0xC3, ord("a"), 0xE2, 0x82, tok.eos_id, 0xF0], skip_special_tokens=True)  # broken UTF-8
     assert "\ufffd" in text and "a" in text and "<eos>" not in text
-    assert "<eos>" in tok.decode([ord("a"), tok.eos_id], skip_special_tokens=False)
+    assert "<eos>" in tok.decode([ord("a"), tok.eos_id])
     assert tok.decode([5000, -1, 104, 105]) == "\ufffd\ufffdhi"  # out-of-range ids never crash
 
 
@@ -299,3 +299,16 @@ def test_auto_falls_back_when_sentencepiece_is_missing(monkeypatch, caplog):
         tok = build_tokenizer("auto", TINY)
     assert tok.kind == "tokenizers"
     assert any("sentencepiece is not" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", *SUBWORD_KINDS])
+def test_decode_of_encode_is_the_text_special_tokens_included(trained, kind):
+    tok = trained[kind]
+    specials = list(tok.special_tokens().values())
+    texts = ["the dog sat.", "  spaces  and\nlines\n"]
+    if kind != "char":  # a char vocabulary holds only the characters it was trained on ('<' is <unk>)
+        texts.append(f"the dog{specials[-1]} sat")  # a special token's text in the input comes back
+    for text in texts:
+        assert tok.decode(tok.encode(text)) == text, (kind, text)
+    ids = tok.encode("the dog", add_bos=True, add_eos=True)
+    assert tok.decode(ids).endswith("the dog" + tok.special_tokens()[tok.eos_id])

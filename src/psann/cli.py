@@ -1,4 +1,5 @@
-"""The `psannlm` command: train, generate, chat, eval, bench, report, tokenizer, data and demo (each maps onto a module of psann.lm)."""
+"""The `psannlm` command: train, generate, chat, eval, bench, report, tokenizer, data, serve, export, import
+and demo (each maps onto a module of psann.lm)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import sys
 from pathlib import Path
 
 from psann import __version__
-from psann.lm.console import setup_logging
+from psann.lm.config import config_keys_help
+from psann.lm.console import SuggestingParser, setup_logging
 from psann.lm.data.cli import add_parser as add_data_parser
 from psann.lm.data.cli import run as run_data
 from psann.lm.data.text import read_text_file, split_documents
+from psann.lm.export.cli import add_parsers as add_export_parsers
+from psann.lm.export.cli import run_export, run_import
 from psann.lm.errors import ConfigError, DataError, PsannError, at_least
 from psann.lm.infer.chat import ChatSession, chat_loop
 from psann.lm.report.html import add_parser as add_report_parser
@@ -213,12 +217,34 @@ def command_parsers(parser: argparse.ArgumentParser):
                 yield from ((name, p) for p in action.choices.values())
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return dict(sub.choices) if sub else {}
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The deepest (sub)command parser that argv names: its flags are the ones to suggest from."""
+    for arg in argv:
+        if arg in _subcommands(parser):
+            parser = _subcommands(parser)[arg]
+    return parser
+
+
+def _unchosen_group(parser: argparse.ArgumentParser, argv: list[str]) -> dict | None:
+    """For `psannlm tokenizer --print-config` (a group named without its subcommand): its subcommands."""
+    chosen = _chosen_parser(parser, argv)
+    return _subcommands(chosen) or None if chosen is not parser else None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psannlm", description="psann-lm: train, sample and evaluate small language models.")
+    parser = SuggestingParser(prog="psannlm", description="psann-lm: train, sample and evaluate small language models.")
     parser.add_argument("--version", action="version", version=f"psann-lm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a YAML/TOML/JSON config (+ --section.key=value overrides)")
+    p = sub.add_parser("train", help="train from a YAML/TOML/JSON config (+ --section.key=value overrides)",
+                       epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a model. More flags (the earlier systems' spellings, --dry-run, --export-dir, "
+                                   "...): python -m psann.lm.train.cli --help.")
     p.add_argument("--config")
     p.add_argument("--print-config", action="store_true")
 
@@ -256,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_report_parser(sub)
     add_serve_parser(sub)
+    add_export_parsers(sub)
     for _, p in command_parsers(parser):  # every command (and sub-command) can show what it would run with
         if not any("--print-config" in a.option_strings for a in p._actions):
             p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
 
-    p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample")
+    p = sub.add_parser("demo", help="generate a story corpus, train a tokenizer and a small model (~3 min on 2 CPU cores), sample",
+                       epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
     p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="size of the generated corpus")
     p.add_argument("--chat", dest="chat_steps", type=int, nargs="?", const=150, default=0, metavar="STEPS",
@@ -282,11 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-config" in argv:  # shows what a command would run with, so its required options may be left out
         for name, p in command_parsers(parser):
             if name not in ("generate", "chat"):  # these resolve their settings against --ckpt
-                for action in p._actions:
-                    action.required = action.required and not action.option_strings
+                for action in p._actions:  # a group's subcommand too: `tokenizer --print-config` lists them
+                    action.required = action.required and not action.option_strings and not isinstance(
+                        action, argparse._SubParsersAction)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo"):
-        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        command = _chosen_parser(parser, argv)
+        command.error(f"unrecognised arguments: {' '.join(extra)}")
+    if getattr(args, "print_config", False) and _unchosen_group(parser, argv) is not None:
+        group = _unchosen_group(parser, argv)
+        print(json.dumps({name: {a.dest: a.default for a in p._actions if a.option_strings and a.dest not in (
+            "help", "print_config")} for name, p in group.items()}, indent=2, default=str))
+        return 0
     try:
         if getattr(args, "device", None) is not None:  # resolved before anything loads, so errors name --device
             from psann.lm.train.trainer import resolve_device  # lazy: torch
@@ -309,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command in ("export", "import"):
+            return run_export(args) if args.command == "export" else run_import(args)
         return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[args.command](args)
     except PsannError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import yaml
 
@@ -582,14 +582,34 @@ def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
+def config_keys() -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(section, field, default) of every config key, in the order of the sections and fields:
+    the same metadata the validation reads, for the README's table and `--help`."""
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield name, f, (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+
+
 def config_reference_markdown() -> str:
     """The config reference table of the README, generated from the field metadata."""
-    lines = []
-    for name, cls in SECTIONS.items():
-        lines += [f"**`{name}`**", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the table cell
-            lines.append(f"| `{f.name}` | `{json.dumps(_plain(default))}` | {meaning} |")
-        lines.append("")
+    lines, section = [], None
+    for name, f, default in config_keys():
+        if name != section:
+            lines += ([""] if section else []) + [f"**`{name}`**", "", "| key | default | meaning |", "|---|---|---|"]
+            section = name
+        meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the table cell
+        lines.append(f"| `{f.name}` | `{json.dumps(_plain(default))}` | {meaning} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def config_keys_help() -> str:
+    """Every config key as `--section.key TYPE (default D): its first sentence`, for --help."""
+    lines = ["config keys (override any as --section.key=value or --section.key value; the README's config "
+             "reference has each in full):"]
+    for name, f, default in config_keys():
+        text = f.metadata["help"]
+        if len(text) > 110:
+            text = text[:text.rfind(" ", 0, 107)] + " ..."
+        lines.append(f"  --{name}.{f.name}  {f.type} (default {json.dumps(_plain(default))}): {text}")
     return "\n".join(lines)

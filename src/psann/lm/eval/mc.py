@@ -6,7 +6,6 @@ numbers equal the harness's on the same file."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..console import setup_logging
+from ..console import SuggestingParser, setup_logging
 from ..errors import DataError
 from ..train.trainer import resolve_device
 from .loglik import Scorer
@@ -47,7 +46,7 @@ def score_rows(scorer, rows: list[dict], batch_size: int) -> dict:
 
 def main(argv: list[str] | None = None, prog: str = "psannlm eval mc") -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(prog=prog, description="Multiple-choice accuracy (acc, acc_norm, acc_bytes) of a "
+    parser = SuggestingParser(prog=prog, description="Multiple-choice accuracy (acc, acc_norm, acc_bytes) of a "
                                      "checkpoint on JSONL files, as the harness's psann_mc task scores them.")
     printing = "--print-config" in (sys.argv[1:] if argv is None else argv)  # shows the options; needs none of them
     parser.add_argument("--ckpt", required=not printing, help="checkpoint directory")

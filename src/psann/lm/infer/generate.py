@@ -21,7 +21,7 @@ def generate_text(model: nn.Module, tokenizer, objective: Objective, encoded: li
     def should_stop(row: int, new_ids: list[int]) -> bool:
         if new_ids[-1] in stop_ids:
             return True
-        text = tokenizer.decode(new_ids)
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
         if on_text is not None:
             streamed.add(row)
             on_text(row, text)
@@ -29,7 +29,7 @@ def generate_text(model: nn.Module, tokenizer, objective: Objective, encoded: li
 
     watch = bool(gen.stop or stop_ids or on_text)
     new = objective.sample(model, encoded, gen, tokenizer=tokenizer, should_stop=should_stop if watch else None)
-    texts = [cut_at_stop(tokenizer.decode(cut_at_ids(ids, stop_ids)), gen.stop) for ids in new]
+    texts = [cut_at_stop(tokenizer.decode(cut_at_ids(ids, stop_ids), skip_special_tokens=True), gen.stop) for ids in new]
     for row, text in enumerate(texts if on_text else ()):
         if row not in streamed:
             on_text(row, text)

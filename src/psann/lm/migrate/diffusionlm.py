@@ -17,6 +17,7 @@ import tomllib
 from pathlib import Path
 
 from ..config import RunConfig
+from ..console import SuggestingParser
 from ..errors import ConfigError, did_you_mean
 from . import guarded
 
@@ -169,7 +170,7 @@ def generate_options(inference: dict) -> dict:
 
 
 def _parser(prog: str, what: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=f"{what} (the diffusionlm command on psann-lm).")
+    parser = SuggestingParser(prog=prog, description=f"{what} (the diffusionlm command on psann-lm).")
     parser.add_argument("--config", required=True, help="the TOML file (see examples/diffusionlm/)")
     parser.add_argument("--print-config", action="store_true", help="print the TOML as read (with defaults) and the "
                         "psann-lm config it becomes, then exit")

@@ -157,7 +157,7 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             ids = [tok.encode(t) for t in texts]
             middle = time.perf_counter()
-            decoded = [tok.decode(x, skip_special_tokens=False) for x in ids]
+            decoded = [tok.decode(x) for x in ids]
             end = time.perf_counter()
             if i >= bench["warmup"]:
                 encode_s.append(middle - start)

@@ -10,7 +10,6 @@ final), not .pt files.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..data.text import read_text_file
+from ..console import SuggestingParser
 from ..errors import ConfigError, DataError
 from ..files import read_json, write_atomic
 from . import guarded
@@ -75,7 +75,7 @@ def print_dataset_stats(stats: dict) -> None:
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/prepare_tinystories.py", description="Prepare TinyStories for "
+    parser = SuggestingParser(prog="scripts/prepare_tinystories.py", description="Prepare TinyStories for "
                                      "byte-level training (the Simplified SLM script on psann-lm).")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_seq_length", type=int, default=512)
@@ -168,7 +168,7 @@ def write_logs(run_dir: Path, byte_level: bool) -> dict[str, Path]:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description="Train a byte-level model (the Simplified SLM "
+    parser = SuggestingParser(prog="train.py", description="Train a byte-level model (the Simplified SLM "
                                      "train.py on psann-lm).")
     parser.add_argument("--model_config", help="a model JSON (examples/lm/configs/slm_base.json, hnet_bit_*.json)")
     parser.add_argument("--data_path", help="a directory from scripts/prepare_tinystories.py")
@@ -257,7 +257,7 @@ def _interactive(lm, options: dict) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="generate.py", description="Generate text (the Simplified SLM "
+    parser = SuggestingParser(prog="generate.py", description="Generate text (the Simplified SLM "
                                      "generate.py on psann-lm).")
     parser.add_argument("--model_path", required=True, help="a checkpoint directory, or a run directory (its best)")
     parser.add_argument("--prompt")
@@ -332,7 +332,7 @@ def evaluate(model_path: str, data_dir: str, output_dir: str, *, batch_size: int
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/evaluate_model.py", description="Evaluate a checkpoint (the "
+    parser = SuggestingParser(prog="scripts/evaluate_model.py", description="Evaluate a checkpoint (the "
                                      "Simplified SLM script on psann-lm).")
     parser.add_argument("--model_path", required=True, help="a checkpoint directory, or a run directory (its best)")
     parser.add_argument("--data_dir", required=True, help="a directory from scripts/prepare_tinystories.py")
@@ -387,7 +387,7 @@ def _read_experiment(path: str) -> dict:
 
 
 def run_experiment_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/run_experiment.py", description="Train, evaluate and sample in "
+    parser = SuggestingParser(prog="scripts/run_experiment.py", description="Train, evaluate and sample in "
                                      "one go from an experiment JSON (the Simplified SLM script on psann-lm).")
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)

@@ -8,7 +8,8 @@ therefore splits or concatenates rows; nothing is permuted.
 
     hf = to_hf_llama(model)                  # psann -> transformers.LlamaForCausalLM
     model = from_hf_llama(hf_or_directory)   # transformers (or a save_pretrained dir) -> psann
-    export_hf(model, tokenizer, "out/")      # a directory AutoModelForCausalLM.from_pretrained loads
+    export_hf(model, tokenizer, "out/")      # a directory AutoModelForCausalLM / AutoTokenizer load
+    model, tokenizer = import_hf("out/")     # and back
 
 `transformers` is an optional extra (`pip install 'psann-lm[hf]'`) and is imported only here,
 inside the functions.
@@ -16,8 +17,10 @@ inside the functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,14 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..tokenizers import build_tokenizer
 from .layers import SwiGLU
 from .transformer import TransformerLM
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["to_hf_llama", "llama_config_from", "model_config_from_llama", "from_hf_llama", "export_hf"]
+__all__ = ["to_hf_llama", "llama_config_from", "model_config_from_llama", "from_hf_llama", "export_hf", "import_hf",
+           "hf_tokenizer"]
 
 
 def _transformers():
@@ -273,52 +278,92 @@ def from_hf_llama(hf_model_or_dir, *, dtype: torch.dtype | None = None) -> Trans
 # export
 
 
-def _token_text(tokenizer, token_id: int | None) -> str | None:
-    if token_id is None:
-        return None
-    return tokenizer.backend.id_to_token(token_id)
+BOS_PREFIX = "{{ bos_token }}"  # an exported chat template renders BOS first, as psann's chat prompts start
+KIND_KEY = "psann_tokenizer_kind"  # in tokenizer_config.json: which psann tokenizer reads the files back
+
+
+def hf_tokenizer(tokenizer, max_len: int):
+    """`tokenizer` as a transformers PreTrainedTokenizerFast with the same ids. Encoding a text adds
+    BOS first (psann prompts start with it), and the chat template renders BOS before the
+    conversation, so `apply_chat_template` gives the ids `psannlm chat` feeds the model. psann's BPE
+    and 'tokenizers' kinds convert; byte, char and sentencepiece have no tokenizer.json."""
+    transformers = _transformers()
+    import tokenizers  # lazy: with transformers, only an export needs it
+    from tokenizers import processors
+
+    if tokenizer.kind == "bpe":
+        with tempfile.TemporaryDirectory() as tmp:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer.to_hf(tmp)))
+    elif tokenizer.kind == "tokenizers":
+        backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    else:
+        raise ConfigError(f"the '{tokenizer.kind}' tokenizer has no Hugging Face tokenizer.json, so AutoTokenizer "
+                          "could not load it; train with data.tokenizer=bpe (the default) or tokenizers to export.")
+    names = tokenizer.special_tokens()
+
+    def text(token_id):
+        return None if token_id is None else names.get(token_id) or backend.id_to_token(token_id)
+
+    bos = text(tokenizer.bos_id)
+    if bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=text(tokenizer.eos_id), pad_token=text(tokenizer.pad_id),
+        unk_token=text(getattr(tokenizer, "unk_id", None)), model_max_length=max_len,
+        clean_up_tokenization_spaces=False)
+    fast.chat_template = BOS_PREFIX + tokenizer.chat_template
+    return fast
 
 
 def export_hf(model: TransformerLM, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir` so that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the
-    model (config.json, generation_config.json, model.safetensors).
-
-    With a 'tokenizers' (HF byte-level BPE) tokenizer, its tokenizer.json and special-token files
-    are written too, so `AutoTokenizer.from_pretrained(out_dir)` works and psann can load the
-    directory as a tokenizer path. Other tokenizer kinds (byte, char, sentencepiece) have no HF
-    tokenizer.json; they are skipped with a logged note (save them with tokenizer.save()).
-    """
-    transformers = _transformers()
+    model (config.json, generation_config.json with bos/eos/pad, model.safetensors) and, with a
+    tokenizer, `AutoTokenizer.from_pretrained(out_dir)` the tokenizer (see hf_tokenizer;
+    tokenizer.json, tokenizer_config.json with the chat template, special_tokens_map.json)."""
     out = Path(out_dir).expanduser()
     ids: dict[str, Any] = {}
+    fast = None
     if tokenizer is not None:
-        ids = {"bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None),
-               "pad_token_id": getattr(tokenizer, "pad_id", None)}
+        fast = hf_tokenizer(tokenizer, model.config.max_seq_len)
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
         if tokenizer.vocab_size > model.config.vocab_size:
-            logger.warning("tokenizer vocab_size %d exceeds the model's %d; ids past the model's vocabulary "
-                           "cannot be embedded.", tokenizer.vocab_size, model.config.vocab_size)
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model embeds "
+                              f"{model.config.vocab_size}; they do not belong together.")
     hf = to_hf_llama(model, **ids)
     for name, value in ids.items():
         setattr(hf.generation_config, name, value)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
-
-    kind = getattr(tokenizer, "kind", None)
-    if kind == "tokenizers":
-        fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer.backend,
-            bos_token=_token_text(tokenizer, tokenizer.bos_id),
-            eos_token=_token_text(tokenizer, tokenizer.eos_id),
-            pad_token=_token_text(tokenizer, tokenizer.pad_id),
-            unk_token=_token_text(tokenizer, getattr(tokenizer, "unk_id", None)),
-            model_max_length=model.config.max_seq_len,
-        )
+    if fast is not None:
         fast.save_pretrained(out)
-        logger.info("exported model and tokenizer to %s", out)
-    elif tokenizer is None:
-        logger.info("exported model to %s (no tokenizer given; no tokenizer files written)", out)
-    else:
-        logger.info("exported model to %s; tokenizer kind '%s' has no Hugging Face tokenizer.json, so no "
-                    "tokenizer files were written (save it with tokenizer.save(), or train with "
-                    "data.tokenizer=tokenizers for an HF-loadable tokenizer).", out, kind)
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config[KIND_KEY] = tokenizer.kind
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # transformers 5 keeps the roles in tokenizer_config.json only; the older file is still read widely
+        roles = {f"{r}_token": getattr(fast, f"{r}_token") for r in ("bos", "eos", "pad", "unk")}
+        (out / "special_tokens_map.json").write_text(json.dumps({k: v for k, v in roles.items() if v}, indent=2) + "\n",
+                                                     encoding="utf-8")
+    logger.info("exported model%s to %s", " and tokenizer" if fast is not None else "", out)
     return out
+
+
+def import_hf(directory: str | os.PathLike):
+    """(TransformerLM in fp32, tokenizer) from a Hugging Face Llama directory (export_hf's, or any
+    Llama with a tokenizer.json). A chat template that renders BOS first loses that part: psann
+    prompts add BOS themselves."""
+    directory = Path(directory).expanduser()
+    model = from_hf_llama(directory, dtype=torch.float32)
+    config_path = directory / "tokenizer_config.json"
+    kind = "auto"
+    if config_path.is_file():
+        kind = json.loads(config_path.read_text(encoding="utf-8")).get(KIND_KEY, "auto")
+    tokenizer = build_tokenizer(kind if kind in ("bpe", "tokenizers") else "auto", model_path=directory)
+    template = getattr(tokenizer, "_chat_template", None)
+    if template and template.startswith(BOS_PREFIX):
+        tokenizer.chat_template = template[len(BOS_PREFIX):]
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model embeds "
+                          f"{model.config.vocab_size}.")
+    return model, tokenizer

@@ -39,18 +39,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", help=f"sample prompt (repeatable; default: {', '.join(SAMPLE_PROMPTS)})")
     p.add_argument("--max-new-tokens", type=int, default=40, help="length of each sample")
     p.add_argument("--device", default="cpu", help="device the samples are generated on")
+    p.add_argument("--bpb-text", metavar="FILE", help="text whose bytes per token under each run's tokenizer turn "
+                   "nats/token into bits per byte (default: the first run's validation or training text file)")
 
 
 def run(args) -> int:
     if args.max_new_tokens < 1:
         raise DataError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     runs, suites = load_inputs(args.runs)
+    bpb_source = measure_bytes_per_token(runs, args.bpb_text)
     samples = {}
     if not args.no_samples:
         prompts = args.prompt or list(SAMPLE_PROMPTS)
         samples = {r.name: generate_samples(r.checkpoint, prompts, args.max_new_tokens, args.device)
                    for r in runs if r.checkpoint}
-    out = write_report(args.out, runs, suites, samples, title=args.title)
+    out = write_report(args.out, runs, suites, samples, title=args.title, bpb_source=bpb_source)
     print(f"wrote {out} ({len(runs)} run(s), {len(suites)} suite(s))")
     return 0
 
@@ -64,6 +67,8 @@ class Run:
     config: object | None  # RunConfig, when the run left one
     checkpoint: Path | None  # checkpoints/final
     parameters: int | None
+    tokenizer: str | None = None  # "kind vocab", from the final checkpoint
+    bytes_per_token: float | None = None  # of the --bpb-text under this run's tokenizer
 
 
 @dataclass
@@ -108,6 +113,37 @@ def load_run(path: Path, name: str) -> Run:
     checkpoint = final if (final / "config.json").exists() else None
     return Run(name, path, read_metrics(path / "metrics.jsonl"), _run_config(path), checkpoint,
                _count_parameters(checkpoint) if checkpoint else None)
+
+
+BPB_TEXT_BYTES = 1 << 20  # enough text for a stable bytes/token ratio, quick to encode
+
+
+def _bpb_text(given: str | None, runs: list[Run]) -> tuple[str | None, str | None]:
+    """(text, its path): --bpb-text, else the first existing validation or training file of a run's config."""
+    candidates = [given] if given else [f for r in runs if r.config is not None
+                                         for f in (*r.config.data.val_files, *r.config.data.train_files)]
+    for path in candidates:
+        if Path(path).is_file():
+            with open(path, "rb") as fh:
+                return fh.read(BPB_TEXT_BYTES).decode("utf-8", errors="replace"), str(path)
+        if given:
+            raise DataError(f"--bpb-text {given} not found.")
+    return None, None
+
+
+def measure_bytes_per_token(runs: list[Run], given: str | None = None) -> str | None:
+    """Fill each run's tokenizer and bytes per token (on one text for all); -> the text's path."""
+    from ..tokenizers import load_tokenizer  # lazy: the report's parser is built with the psannlm command
+
+    text, source = _bpb_text(given, runs)
+    for r in runs:
+        if r.checkpoint is None or not (r.checkpoint / "tokenizer").is_dir():
+            continue
+        tok = load_tokenizer(r.checkpoint / "tokenizer")
+        r.tokenizer = f"{tok.kind} {tok.vocab_size:,}"
+        if text:
+            r.bytes_per_token = len(text.encode("utf-8")) / max(1, len(tok.encode(text)))
+    return source
 
 
 def load_suite(path: Path, name: str) -> tuple[Suite, Run | None]:
@@ -155,32 +191,36 @@ def _pyplot():
     return plt
 
 
-def curves_png(runs: list[tuple[str, list[dict]]]) -> bytes:
+def curves_png(runs: list[tuple[str, list[dict]]], bytes_per_token: dict[str, float] | None = None) -> bytes:
     """Loss (left) and perplexity (right, log scale) against tokens seen: a line per run for
-    training, markers for validation, one colour per run."""
+    training, markers for validation, each in its own colour. With `bytes_per_token` (runs with
+    different tokenizers) the loss is in bits per byte and the right panel is per-byte perplexity."""
     plt = _pyplot()
     from matplotlib.ticker import EngFormatter
 
     fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, records) in enumerate(runs):
-        colour = f"C{i % 10}"
-        train = [(r["tokens"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
-        val = [(r["tokens"], r["val_loss"]) for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
-        for ax, f in ((loss_ax, lambda v: v), (ppl_ax, lambda v: math.exp(min(v, 50.0)))):
+        train_colour, val_colour = f"C{(2 * i) % 10}", f"C{(2 * i + 1) % 10}"
+        scale = 1.0 if bytes_per_token is None else 1.0 / math.log(2) / bytes_per_token[name]
+        train = [(r["tokens"], r["loss"] * scale) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+        val = [(r["tokens"], r["val_loss"] * scale) for r in records
+               if r.get("kind") == "val" and r.get("val_loss") is not None]
+        ppl = (lambda v: math.exp(min(v, 50.0))) if bytes_per_token is None else (lambda v: 2.0 ** min(v, 50.0))
+        for ax, f in ((loss_ax, lambda v: v), (ppl_ax, ppl)):
             if train:  # a run logged only once still shows its point
-                ax.plot([t for t, _ in train], [f(v) for _, v in train], "-" if len(train) > 1 else "s", color=colour,
-                        linewidth=1.3, markersize=4, label=f"{name} train")
+                ax.plot([t for t, _ in train], [f(v) for _, v in train], "-" if len(train) > 1 else "s",
+                        color=train_colour, linewidth=1.3, markersize=4, label=f"{name} train")
             if val:
-                ax.plot([t for t, _ in val], [f(v) for _, v in val], "o--", color=colour, markersize=4,
-                        linewidth=0.8, label=f"{name} val")
-    loss_ax.set_ylabel("cross-entropy (nats/token)")
-    ppl_ax.set_ylabel("perplexity")
+                ax.plot([t for t, _ in val], [f(v) for _, v in val], "o--", color=val_colour, markersize=4,
+                        linewidth=0.8, label=f"{name} validation")
+    loss_ax.set_ylabel("cross-entropy (nats/token)" if bytes_per_token is None else "bits per byte")
+    ppl_ax.set_ylabel("perplexity" if bytes_per_token is None else "per-byte perplexity (2^BPB)")
     ppl_ax.set_yscale("log")
     for ax in (loss_ax, ppl_ax):
         ax.set_xlabel("tokens seen")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
-    loss_ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
@@ -263,19 +303,20 @@ def _image(png: bytes, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
-RUN_HEADER = ["run", "base", "params", "d_model x layers", "batch tokens", "steps", "tokens", "train loss", "val loss",
-              "val ppl", "tok/s", "MFU", "peak mem GB"]
+RUN_HEADER = ["run", "base", "tokenizer", "params", "d_model x layers", "batch tokens", "steps", "tokens", "train loss",
+              "val loss", "val ppl", "val BPB", "tok/s", "MFU", "peak mem GB"]
 
 
 def _run_row(run: Run) -> list:
     s, config = summarize_metrics(run.records), run.config
     model = getattr(config, "model", None)
     base = "-" if model is None else model.base + ("" if model.objective == "causal" else f" ({model.objective})")
-    return [run.name, base, fmt(run.parameters, "{:,}"),
+    bpb = None if s["val_loss"] is None or not run.bytes_per_token else s["val_loss"] / math.log(2) / run.bytes_per_token
+    return [run.name, base, run.tokenizer or "-", fmt(run.parameters, "{:,}"),
             f"{model.d_model} x {model.n_layers}" if model else "-",
             fmt(config.train.batch_tokens, "{:,}") if config else "-", fmt(s["steps"], "{:,}"),
             fmt(s["tokens"], "{:,}"), fmt(s["train_loss"], "{:.4f}"), fmt(s["val_loss"], "{:.4f}"),
-            fmt(s["val_ppl"], "{:.2f}"), fmt(s["tok_per_s"], "{:,.0f}"), fmt(s["mfu"], "{:.1%}"),
+            fmt(s["val_ppl"], "{:.2f}"), fmt(bpb, "{:.4f}"), fmt(s["tok_per_s"], "{:,.0f}"), fmt(s["mfu"], "{:.1%}"),
             fmt(s["peak_mem_gb"], "{:.2f}")]
 
 
@@ -322,22 +363,33 @@ def _samples_section(samples: dict[str, list[tuple[str, str]]]) -> str:
 
 
 def render_report(runs: list[Run], suites: list[Suite], samples: dict[str, list[tuple[str, str]]] | None = None,
-                  title: str = "psann-lm report") -> str:
+                  title: str = "psann-lm report", bpb_source: str | None = None) -> str:
     if not runs and not suites:
         raise DataError("nothing to report: no runs or suites were given.")
     parts = [f"<h1>{esc(title)}</h1>",
              f'<p class="meta">Generated {esc(datetime.now().strftime("%Y-%m-%d %H:%M"))} from '
              f"{len(runs)} run(s) and {len(suites)} bench suite(s).</p>"]
     curves = [(r.name, r.records) for r in runs if any(x.get("kind") == "train" for x in r.records)]
+    plotted = {r.name: r for r in runs if (r.name, r.records) in curves}
+    mixed = len({r.tokenizer for r in plotted.values()}) > 1
+    per_byte = {n: r.bytes_per_token for n, r in plotted.items()} if mixed and all(
+        r.bytes_per_token for r in plotted.values()) else None
     if curves:
+        unit = (f"bits per byte: each run's nats/token / ln 2 / its tokenizer's bytes per token on {bpb_source}, "
+                "since the runs' tokenizers differ" if per_byte else "nats/token")
         parts += ["<h2>Loss and perplexity</h2>",
-                  f'<div class="card">{_image(curves_png(curves), "loss and perplexity curves of every run")}</div>',
+                  f'<div class="card">{_image(curves_png(curves, per_byte), "loss and perplexity curves of every run")}</div>',
                   '<p class="note">Lines: training loss (mean over each logging window). Circles: validation loss. '
-                  "x axis: tokens seen, so runs with different batch sizes line up.</p>"]
+                  f"In {esc(unit)}. x axis: tokens seen, so runs with different batch sizes line up.</p>"]
+        if mixed and not per_byte:
+            parts.append('<p class="note">The runs use different tokenizers, so nats/token do not compare; give '
+                         "--bpb-text FILE for bits per byte.</p>")
     if runs:
-        parts += ["<h2>Runs</h2>", table(RUN_HEADER, [_run_row(r) for r in runs], numeric=set(range(2, 13))),
+        bpb_note = (f" val BPB: validation nats/token / ln 2 / bytes per token of {bpb_source} under the run's "
+                    "tokenizer, comparable across tokenizers." if bpb_source else "")
+        parts += ["<h2>Runs</h2>", table(RUN_HEADER, [_run_row(r) for r in runs], numeric=set(range(3, 15))),
                   '<p class="note">tok/s and MFU: medians over logged windows after the first (warm-up). Peak memory: '
-                  "CUDA max allocated; on CPU the process's peak resident memory.</p>",
+                  f"CUDA max allocated; on CPU the process's peak resident memory.{esc(bpb_note)}</p>",
                   table(["run", "directory"], [[r.name, str(r.path)] for r in runs])]
     parts += [_suite_section(s) for s in suites]
     parts.append(_samples_section(samples or {}))
@@ -347,7 +399,8 @@ def render_report(runs: list[Run], suites: list[Suite], samples: dict[str, list[
 
 
 def write_report(out: str | os.PathLike, runs: list[Run], suites: list[Suite],
-                 samples: dict[str, list[tuple[str, str]]] | None = None, title: str = "psann-lm report") -> Path:
+                 samples: dict[str, list[tuple[str, str]]] | None = None, title: str = "psann-lm report",
+                 bpb_source: str | None = None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(out, render_report(runs, suites, samples, title))
+    return write_atomic(out, render_report(runs, suites, samples, title, bpb_source))

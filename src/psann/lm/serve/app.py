@@ -103,10 +103,14 @@ class Server:
         self.created = int(time.time())
         self.engine: Engine | None = None
 
-    def check_key(self, request: Request) -> None:
+    def check_key(self, request: Request, query: bool = False) -> None:
+        """The API key from `Authorization: Bearer KEY`, or (the page: a browser sends no header on
+        a link) from `?api_key=KEY` when `query`."""
         if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
+        if query and not given and "api_key" in request.query_params:
+            given = f"Bearer {request.query_params['api_key']}"
         if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            kind="authentication_error", code="invalid_api_key")
@@ -256,7 +260,8 @@ def create_app(lm, *, model_name: str, api_key: str | None = None, slots: int = 
         return await _respond(request, state, req, [ids], [gen], tok.chat_stop_ids, "chat.completion", "chatcmpl")
 
     @app.get("/", response_class=HTMLResponse)
-    async def page():
+    async def page(request: Request):
+        state.check_key(request, query=True)
         return resources.files(__package__).joinpath("chat.html").read_text(encoding="utf-8")
 
     return app

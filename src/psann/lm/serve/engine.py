@@ -65,7 +65,7 @@ class Job:
         return "length" if len(self.ids) >= self.gen.max_new_tokens else None
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids)  # skips special tokens, as generation does
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)  # as generation does
 
 
 class SlotCache:

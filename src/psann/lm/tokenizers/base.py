@@ -148,7 +148,9 @@ class Tokenizer(abc.ABC):
         if add_eos:
             yield [self.eos_id]
 
-    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of `ids`, special tokens included (decode(encode(text)) == text, as tiktoken and HF
+        tokenizers give); generation passes skip_special_tokens=True to leave them out."""
         specials = self.special_tokens()
         size = self.vocab_size
         parts: list[str] = []

@@ -12,8 +12,8 @@ import json
 import os
 import sys
 
-from ..config import RunConfig, dump_config, load_config
-from ..console import setup_logging
+from ..config import RunConfig, config_keys_help, dump_config, load_config
+from ..console import SuggestingParser, setup_logging
 from ..data.cli import add_filter_args, filters_from_args
 from ..data.sources import iter_documents_from, resolve_inputs
 from ..data.text import resolve_separator
@@ -29,8 +29,8 @@ from .run import apply_start_checkpoint, train
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML, TOML or JSON file with sections model/data/train/generate")
     parser.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
-    parser.epilog = ("Any config key can be overridden as --section.key=value, e.g. --train.lr=3e-4 "
-                     "--model.n_layers=4 --data.train_files=[a.txt,b.txt].")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = config_keys_help()
 
 
 # The original spec's flags, each an alias of one config key.
@@ -134,13 +134,18 @@ def load_run_config(args: argparse.Namespace, overrides: list[str]):
 
 
 def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Unparsed arguments must all be --section.key=value overrides."""
-    overrides = []
-    for arg in extra:
-        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
-            overrides.append(arg)
-        else:
-            parser.error(f"unrecognised argument {arg!r}; config overrides look like --train.lr=3e-4")
+    """Unparsed arguments must all be config overrides: --section.key=value or --section.key value."""
+    overrides, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not (arg.startswith("--") and "." in arg.split("=", 1)[0]):
+            hint = parser.suggest_flags([arg]) if hasattr(parser, "suggest_flags") else ""
+            parser.error(f"unrecognised argument {arg!r}; config overrides look like --train.lr=3e-4 or "
+                         f"--train.lr 3e-4.{hint}")
+        if "=" not in arg and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            arg, i = f"{arg}={extra[i + 1]}", i + 1  # the jsonargparse / LitGPT spelling
+        overrides.append(arg)
+        i += 1
     return overrides
 
 
@@ -174,7 +179,7 @@ def preflight(config: RunConfig, manifest: str | None, n_samples: int = 8) -> di
 
 def main(argv: list[str] | None = None, prog: str = "python -m psann.lm.train.cli") -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(prog=prog, description="Train a psann-lm model from a config file.")
+    parser = SuggestingParser(prog=prog, description="Train a psann-lm model from a config file.")
     add_config_args(parser)
     add_spec_args(parser)
     args, extra = parser.parse_known_args(argv)
