@@ -32,8 +32,9 @@ def weights(directory):
     return load_file(os.path.join(directory, "model.safetensors"))
 
 
-def test_resume_is_exact(dp, tmp_path):
-    opts = dict(FAST, max_steps=8, batch_tokens=64, lr=3e-3, warmup_steps=2)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(dp, tmp_path, optimizer):
+    opts = dict(FAST, max_steps=8, batch_tokens=64, lr=3e-3, warmup_steps=2, optimizer=optimizer)
     psannLM(**TINY, dropout=0.1).fit(dp, checkpoint_dir=str(tmp_path / "a"), save_interval_steps=4, **opts)
     resumed = psannLM(**TINY, dropout=0.1)
     resumed.fit(dp, checkpoint_dir=str(tmp_path / "b"),
@@ -264,6 +265,27 @@ def test_other_optimizers_train_or_fall_back_with_a_message(dp, tmp_path, caplog
     assert any(k.startswith("blocks.") for k in state["state"])  # keyed by parameter name
     psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path / "b8"), optimizer="adamw8bit", **kw)
     assert "adamw8bit needs CUDA and bitsandbytes" in caplog.text and "Using AdamW" in caplog.text
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(dp):
+    from psann.lm.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(dp))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.param_groups if g["muon"] for p in g["params"]}
+    other = {names[id(p)] for g in optimizer.param_groups if not g["muon"] for p in g["params"]}
+    assert muon and all(".attn." in n or ".mlp." in n for n in muon)  # qkv, out, gate_up, down of every block
+    assert {"embed.weight"} <= other and all(n.endswith("norm.weight") or n == "embed.weight" or "lm_head" in n
+                                            for n in other)
+    x = dp.train_windows.batch([0, 1])[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    optimizer.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())  # both halves stepped
+    with pytest.raises(ConfigError, match="FSDP holds shards"):
+        build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"), "fsdp")
 
 
 def _train_losses(dp, run_dir, **options):

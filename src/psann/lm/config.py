@@ -378,7 +378,7 @@ class TrainConfig(_Validated):
     ddp: str = _opt("auto", "DDP across torchrun processes: auto (on when WORLD_SIZE > 1 and fsdp is off), on, off.", choices=("auto", "on", "off"))
     fsdp: str = _opt("off", "FSDP2 sharding under torchrun: full_shard (params, grads, optimizer state), shard_grad_op (keep gathered weights from forward to backward), hybrid (shard within a node, replicate across nodes), off.", choices=("off", "full_shard", "shard_grad_op", "hybrid"))
     fsdp_cpu_offload: bool = _opt(False, "FSDP: keep parameter, gradient and optimizer shards in CPU memory (CUDA only; slower, fits larger models).")
-    optimizer: str = _opt("adamw", "adamw; zero_adamw (AdamW state sharded across DDP ranks); adamw8bit (bitsandbytes, CUDA; falls back to adamw with a message); adafactor.", choices=("adamw", "zero_adamw", "adamw8bit", "adafactor"))
+    optimizer: str = _opt("adamw", "adamw; zero_adamw (AdamW state sharded across DDP ranks); adamw8bit (bitsandbytes, CUDA; falls back to adamw with a message); adafactor; muon (torch.optim.Muon for the hidden weight matrices, its step RMS matched to AdamW's so train.lr serves both, AdamW for embeddings, head, norms and gains; one process or DDP).", choices=("adamw", "zero_adamw", "adamw8bit", "adafactor", "muon"))
     device: str = _opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     compile: bool = _opt(False, "torch.compile each block (falls back to eager with a warning where unsupported).")
     grad_checkpoint: bool = _opt(False, "Activation checkpointing per block: recompute activations in backward to save memory.")

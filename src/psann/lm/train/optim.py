@@ -1,5 +1,6 @@
-"""Optimizers (AdamW, ZeRO-sharded AdamW, 8-bit AdamW, Adafactor) with decay only on weight
-matrices, and the warmup + cosine learning-rate schedule."""
+"""Optimizers (AdamW, ZeRO-sharded AdamW, 8-bit AdamW, Adafactor, Muon for the hidden matrices
+with AdamW for the rest) with decay only on weight matrices, and the warmup + cosine learning-rate
+schedule."""
 
 from __future__ import annotations
 
@@ -74,11 +75,73 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, pa
         for group in rest:
             zero.add_param_group(group)
         return zero
+    if choice == "muon":
+        if parallel_mode == "fsdp":
+            raise ConfigError("train.optimizer=muon orthogonalises whole matrices; FSDP holds shards of them. Use "
+                              "adamw with train.fsdp, or muon with DDP or one process.")
+        return MuonAdamW(muon_groups(model, groups), lr=cfg.lr, betas=cfg.betas)
     if choice == "adafactor":
         # Factored second moments: O(rows + cols) state per matrix instead of AdamW's 2x params.
         return torch.optim.Adafactor(groups, lr=cfg.lr)
     fused = device.type == "cuda"  # the fused kernel exists for CUDA tensors only
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """`groups` with each one's hidden weight matrices (2-D, not an embedding, not the output
+    head) moved into a group of their own marked "muon", as the Muon recipes split them."""
+    head = getattr(model, "lm_head", None)
+    excluded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    excluded |= {id(p) for p in head.parameters()} if head is not None else set()
+    out = []
+    for group in groups:
+        matrices = [p for p in group["params"] if p.ndim == 2 and id(p) not in excluded]
+        rest = [p for p in group["params"] if not (p.ndim == 2 and id(p) not in excluded)]
+        if matrices:
+            out.append({**group, "params": matrices, "muon": True})
+        if rest:
+            out.append({**group, "params": rest, "muon": False})
+    return out
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """torch.optim.Muon for the groups marked "muon" (its learning rate matched to AdamW's update
+    RMS, adjust_lr_fn="match_rms_adamw", so train.lr serves both) and AdamW for the others, as one
+    optimizer: every state lives in self.state, so it checkpoints and resumes like AdamW."""
+
+    MUON = {"momentum": 0.95, "nesterov": True, "ns_coefficients": (3.4445, -4.775, 2.0315), "eps": 1e-7,
+            "ns_steps": 5, "adjust_lr_fn": "match_rms_adamw"}
+
+    def __init__(self, groups: list[dict], **adamw):
+        super().__init__([{**self.MUON, **g} if g["muon"] else g for g in groups], **adamw)
+        self._link()
+
+    def _link(self) -> None:
+        muon = [g for g in self.param_groups if g.get("muon")]
+        self._muon = torch.optim.Muon(muon, lr=self.defaults["lr"]) if muon else None
+        if self._muon is not None:  # the same group dicts and state: lr changes and checkpoints reach both
+            self._muon.param_groups, self._muon.state = muon, self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        groups = self.param_groups
+        try:
+            self.param_groups = [g for g in groups if not g.get("muon")]
+            loss = super().step(closure)
+        finally:
+            self.param_groups = groups
+        if self._muon is not None:
+            self._muon.step()
+            for group in self._muon.param_groups:  # a step count as AdamW keeps one (its state loader expects it)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        state = self.state[p]
+                        state["step"] = state.get("step", torch.tensor(0.0)) + 1
+        return loss
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:
