@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -40,19 +39,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _published(out: str, write) -> Path:
-    """`write(tmp)` fills a temporary sibling of `out`, which then replaces `out`."""
+    """`write(tmp)` fills a temporary sibling of `out`, which then replaces `out` as a checkpoint
+    save does (the old one aside, the new one in, then durable)."""
+    from ..train.checkpoint import publish  # lazy: torch, only when a conversion runs
+
     out_path = Path(out).expanduser()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(out_path)
     try:
         write(tmp)
-        if out_path.exists():
-            old = temp_name(out_path, "old")
-            os.replace(out_path, old)
-            os.replace(tmp, out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_path)
+        publish(tmp, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_path

@@ -202,7 +202,7 @@ def _seal(tmp: Path) -> None:
     _fault_point("synced")
 
 
-def _publish(tmp: Path, directory: Path) -> None:
+def publish(tmp: Path, directory: Path) -> None:
     """Rename `tmp` to `directory`. Replacing takes two renames (old aside, new in); a kill between
     them leaves the old checkpoint under `.NAME.old-*`, which recover_checkpoints moves back."""
     old = None
@@ -231,7 +231,7 @@ def published_as(directory: Path, tmp: Path):
     try:
         yield
         _seal(tmp)
-        _publish(tmp, directory)
+        publish(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -133,15 +133,14 @@ def load_run_config(args: argparse.Namespace, overrides: list[str]):
     return load_with_windows(args.config, overrides, getattr(args, "batch_size", None))
 
 
-def split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+def split_overrides(extra: list[str], parser: SuggestingParser) -> list[str]:
     """Unparsed arguments must all be config overrides: --section.key=value or --section.key value."""
     overrides, i = [], 0
     while i < len(extra):
         arg = extra[i]
         if not (arg.startswith("--") and "." in arg.split("=", 1)[0]):
-            hint = parser.suggest_flags([arg]) if hasattr(parser, "suggest_flags") else ""
             parser.error(f"unrecognised argument {arg!r}; config overrides look like --train.lr=3e-4 or "
-                         f"--train.lr 3e-4.{hint}")
+                         f"--train.lr 3e-4.{parser.suggest_flags([arg])}")
         if "=" not in arg and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             arg, i = f"{arg}={extra[i + 1]}", i + 1  # the jsonargparse / LitGPT spelling
         overrides.append(arg)
