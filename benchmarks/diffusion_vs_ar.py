@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_small_lm_args(p)
     p.add_argument("--mc-draws", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--causal-share", type=float, default=0.5,
+                   help="also train a diffusion model from a causal checkpoint: this share of the budget causal, the rest diffusion (0: skip)")
     return p.parse_args(argv)
 
 
@@ -68,19 +70,19 @@ def main(argv=None) -> None:
     counts = np.bincount(train.read(0, train.n_tokens), minlength=dp.vocab_size) + 1
     unigram = float(-np.log(counts / counts.sum())[val.read(0, val.n_tokens)].mean())
     common = dict(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
-    runs = {}
+    step_s = {}
     for objective in ("causal", "diffusion"):
         extra = {"objective": "diffusion", "mask_token_id": dp.vocab_size} if objective == "diffusion" else {}
-        vocab = dp.vocab_size + (objective == "diffusion")
-        cfg = ModelConfig(**common, **extra, vocab_size=vocab, max_seq_len=args.seq)
-        step_s = seconds_per_step(dp, {objective: cfg}, argparse.Namespace(batch_tokens=args.batch_tokens))[objective]
-        steps = max(10, int(args.budget_s / step_s))
-        lm = psannLM(**common, **({"objective": "diffusion"} if objective == "diffusion" else {}))
-        with tempfile.TemporaryDirectory() as out:
-            lm.fit(dp, max_steps=steps, batch_tokens=args.batch_tokens, lr=args.lr, warmup_steps=max(1, steps // 20),
-                   eval_interval_steps=0, log_interval_steps=max(1, steps // 20), progress=False, plot=False,
-                   checkpoint_dir=out, seed=args.seed, eval_batches=1)
-            train = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"train"' in line]
+        cfg = ModelConfig(**common, **extra, vocab_size=dp.vocab_size + (objective == "diffusion"), max_seq_len=args.seq)
+        step_s[objective] = seconds_per_step(dp, {objective: cfg}, argparse.Namespace(batch_tokens=args.batch_tokens))[objective]
+
+    def fit_and_score(name: str, objective: str, steps: int, tmp_dir: str, **options) -> dict:
+        lm = psannLM(**common, **({"objective": "diffusion"} if objective == "diffusion" else {}), **options.pop("model", {}))
+        out = f"{tmp_dir}/{name}"
+        lm.fit(dp, max_steps=steps, batch_tokens=args.batch_tokens, lr=args.lr, warmup_steps=max(1, steps // 20),
+               eval_interval_steps=0, log_interval_steps=max(1, steps // 20), progress=False, plot=False,
+               checkpoint_dir=out, seed=args.seed, eval_batches=1, **options)
+        train = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"train"' in line]
         device = torch.device("cpu")
         if objective == "causal":
             counts = evaluate_counts(lm.model, dp.val_windows, 16, device)
@@ -95,8 +97,8 @@ def main(argv=None) -> None:
             sample_opts.update(block_length=16, steps=48)
         else:
             sample_opts.update(top_k=40)
-        runs[objective] = {
-            "params": count_parameters(lm.model), "calibrated_s_per_step": round(step_s, 4), "steps": steps,
+        row = {
+            "params": count_parameters(lm.model), "calibrated_s_per_step": round(step_s[objective], 4), "steps": steps,
             "tokens": lm.last_run["tokens_seen"], "train_s": round(train[-1]["elapsed_s"], 1),
             "final_train_loss": round(train[-1]["loss"], 4),
             "val_nats_per_token": round(loss, 4), "val_nats_per_token_se": round(se, 4),
@@ -104,7 +106,23 @@ def main(argv=None) -> None:
             "val_tokens": n, "bound": objective == "diffusion",
             "samples": [lm.generate(p, **sample_opts) for p in ("Once upon a time", "The little dog")],
         }
-        print(json.dumps(runs[objective]), file=sys.stderr)
+        print(json.dumps({name: row}), file=sys.stderr, flush=True)
+        return row
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for objective in ("causal", "diffusion"):
+            runs[objective] = fit_and_score(objective, objective, max(10, int(args.budget_s / step_s[objective])), tmp)
+        if args.causal_share:
+            # The same total budget: a causal run for causal_share of it, then the diffusion objective
+            # from its final weights (logits shifted so the causal head's predictions carry over).
+            causal_steps = max(10, int(args.causal_share * args.budget_s / step_s["causal"]))
+            pre = fit_and_score("causal_pretrain", "causal", causal_steps, tmp)
+            adapt_steps = max(10, int((1 - args.causal_share) * args.budget_s / step_s["diffusion"]))
+            row = fit_and_score("diffusion_from_causal", "diffusion", adapt_steps, tmp, model={"shift_logits": True},
+                                init_from=f"{tmp}/causal_pretrain/checkpoints/final")
+            runs["diffusion_from_causal"] = {**row, "causal_pretrain": {k: pre[k] for k in ("steps", "train_s", "val_nats_per_token")},
+                                             "train_s_total": round(pre["train_s"] + row["train_s"], 1)}
     ar, diff = runs["causal"], runs["diffusion"]
     print(json.dumps({
         "question": __doc__.split("\n")[0],
@@ -119,6 +137,8 @@ def main(argv=None) -> None:
         "unigram_val_nats_per_token": round(unigram, 4),
         "ppl_ratio_diffusion_bound_vs_ar": round(math.exp(diff["val_nats_per_token"] - ar["val_nats_per_token"]), 3),
         "bpb_ratio": round(diff["val_bpb"] / ar["val_bpb"], 4),
+        **({"ppl_ratio_diffusion_from_causal_bound_vs_ar": round(math.exp(
+            runs["diffusion_from_causal"]["val_nats_per_token"] - ar["val_nats_per_token"]), 3)} if args.causal_share else {}),
         "total_s": round(time.perf_counter() - started, 1),
     }, indent=2))
 

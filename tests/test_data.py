@@ -204,3 +204,16 @@ def test_data_prep_takes_texts_or_a_config(tmp_path):
     for args in ({}, {"texts": ["x y"], "config": config}):
         with pytest.raises(DataError, match="texts .* or a DataConfig"):
             psannLMDataPrep(**args)
+
+
+def test_texts_can_be_drawn_at_random_window_starts():
+    rng = np.random.default_rng(0)
+    text = ["".join(chr(97 + int(c)) for c in rng.integers(0, 26, 3000))]
+    dp = psannLMDataPrep(text, tokenizer="char", max_length=16, val_split=0, sampling="random")
+    x, y = dp.make_loader(64, seed=0).next_batch()
+    packed, _ = dp.train_windows.batch(np.arange(len(dp.train_windows)))
+    on_boundaries = sum(bool((packed == row).all(1).any()) for row in x)
+    assert on_boundaries < 16  # a random start falls on a packed window's boundary 1 time in 16
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ConfigError, match="packed token stream"):
+        psannLMDataPrep(text, tokenizer="char", max_length=16, pack_sequences=False, sampling="random")

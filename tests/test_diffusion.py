@@ -353,3 +353,27 @@ def test_diffusion_sft_trains_from_a_config(tmp_path):
     assert lm.model_config.objective == "diffusion" and isinstance(lm.generate("say red", max_new_tokens=6), str)
     with pytest.raises(ConfigError, match="sft_files"):
         load_config(None, [f"--data.sft_files=[{path}]", "--data.train_files=[x.txt]"])
+
+
+def test_a_causal_checkpoint_starts_a_diffusion_model_with_shifted_logits(dp, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    opts = dict(FAST, batch_tokens=256, eval_interval_steps=0)
+    psannLM(d_model=32, n_layers=2, n_heads=4).fit(dp, max_steps=40, checkpoint_dir=str(tmp_path / "causal"), **opts)
+    start = str(tmp_path / "causal/checkpoints/final")
+    causal = load_file(f"{start}/model.safetensors")
+    first = {}
+    for shift in (True, False):
+        lm = psannLM(d_model=32, n_layers=2, n_heads=4, objective="diffusion", shift_logits=shift)
+        lm.fit(dp, init_from=start, checkpoint_dir=str(tmp_path / f"shift{shift}"), max_steps=1, **{**opts, "lr": 1e-12})
+        first[shift] = lm.last_run["val_loss"]
+    embed = lm.model.embed.weight.detach()
+    assert embed.shape[0] == dp.vocab_size + 1 and torch.allclose(embed[:-1], causal["embed.weight"])
+    assert torch.allclose(embed[-1], causal["embed.weight"].mean(0))  # the mask token: the mean embedding
+    scratch = psannLM(d_model=32, n_layers=2, n_heads=4, objective="diffusion", shift_logits=True)
+    scratch.fit(dp, checkpoint_dir=str(tmp_path / "scratch"), max_steps=1, **{**opts, "lr": 1e-12})
+    # The causal head's next-token predictions carry over only when position i reads i - 1.
+    assert first[True] < 0.9 * scratch.last_run["val_loss"] and first[True] < first[False]
+    with pytest.raises(ConfigError, match="shift_logits.*only applies to objective 'diffusion'"):
+        ModelConfig(shift_logits=True)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from psann.lm.config import ModelConfig
 from psann.lm.errors import ConfigError
 from psann.lm.models import build_model, count_parameters
 from psann.lm.train.optim import parameter_groups
@@ -12,6 +13,8 @@ VARIANTS = {
     "gqa": {"n_kv_heads": 2},
     "untied": {"tie_embeddings": False},
     "learned_positions": {"rope": False},
+    "recipe_options": {"qk_norm": True, "mlp": "relu2", "logit_softcap": 5.0, "tie_embeddings": False,
+                       "value_embeddings": True},
 }
 
 
@@ -100,3 +103,75 @@ def test_config_shape_checks():
 def test_default_mlp_width_is_swiglu_sized():
     assert tiny_config(d_model=256).mlp_hidden == 704  # 8/3 * 256 = 682.7, rounded up to a multiple of 64
     assert tiny_config(d_mlp=100).mlp_hidden == 100
+
+
+def test_qk_norm_makes_attention_blind_to_query_and_key_scale():
+    torch.manual_seed(0)
+    x = torch.randint(0, 61, (2, 12))
+    change = {}
+    for qk_norm in (True, False):
+        torch.manual_seed(0)
+        m = build_model(tiny_config(qk_norm=qk_norm, init_std=0.5)).eval()
+        before = m(x)
+        with torch.no_grad():
+            for block in m.blocks:  # q and k rows of the fused projection, times 7
+                block.attn.qkv.weight[:2 * 32] *= 7.0
+        change[qk_norm] = (m(x) - before).abs().max().item()
+    assert change[True] < 1e-4 and change[False] > 1e-1
+
+
+def test_relu2_mlp_is_relu_squared_at_hidden_ratio_width():
+    torch.manual_seed(0)
+    m = build_model(tiny_config(mlp="relu2", d_model=128, n_heads=4)).eval()
+    mlp = m.blocks[0].mlp
+    assert mlp.up.weight.shape == (512, 128)  # hidden_ratio 4 x 128, ungated
+    h = torch.randn(3, 128)
+    assert torch.allclose(mlp(h), torch.relu(h @ mlp.up.weight.T).pow(2) @ mlp.down.weight.T, atol=1e-5)
+
+
+def test_logit_softcap_bounds_the_logits_smoothly():
+    torch.manual_seed(0)
+    capped = build_model(tiny_config(logit_softcap=2.0, init_std=0.3)).eval()
+    plain = build_model(tiny_config(init_std=0.3)).eval()
+    plain.load_state_dict(capped.state_dict())
+    x = torch.randint(0, 61, (2, 10))
+    raw = plain(x)
+    assert raw.abs().max() > 2.0  # the cap is active on these logits
+    assert torch.allclose(capped(x), 2.0 * torch.tanh(raw / 2.0), atol=1e-5)
+    assert capped(x).abs().max() <= 2.0
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity_and_still_learns():
+    torch.manual_seed(0)
+    m = build_model(tiny_config(zero_init_residual=True))
+    assert all(b.attn.out.weight.abs().sum() == 0 and b.mlp.down.weight.abs().sum() == 0 for b in m.blocks)
+    x = torch.randint(0, 61, (2, 10))
+    h = m.embed(x)
+    assert torch.equal(m(x), m.lm_head(m.norm(h)))  # blocks add nothing yet
+    m(x).logsumexp(-1).mean().backward()
+    assert all(b.attn.out.weight.grad.abs().sum() > 0 and b.mlp.down.weight.grad.abs().sum() > 0 for b in m.blocks)
+
+
+def test_value_embeddings_add_a_token_lookup_to_every_layers_values():
+    torch.manual_seed(0)
+    plain, with_ve = build_model(tiny_config()), build_model(tiny_config(value_embeddings=True))
+    assert count_parameters(with_ve) - count_parameters(plain) == 2 * 61 * 32  # n_layers x vocab x kv width
+    x = torch.randint(0, 61, (2, 10))
+    before = with_ve(x)
+    with torch.no_grad():
+        with_ve.blocks[1].attn.value_embed.weight[x[0, 3]] += 1.0  # only token x[0, 3]'s values change
+    after = with_ve(x)
+    changed = (after - before).abs().amax(-1) > 1e-6
+    first = int((x[0] == x[0, 3]).nonzero()[0])
+    assert not changed[0, :first].any() and changed[0, first:].all()  # causal: from its first occurrence on
+
+
+def test_recipe_options_are_refused_where_they_do_not_apply():
+    with pytest.raises(ConfigError, match="model.mlp.*sine"):
+        tiny_config(base="respsann", mlp="relu2")
+    with pytest.raises(ConfigError, match="hgrn_bit"):
+        tiny_config(base="byte", layer_type="hgrn_bit", qk_norm=True, vocab_size=256)
+    with pytest.raises(ConfigError, match="value_embeddings.*H-Net"):
+        ModelConfig(base="hnet", value_embeddings=True)
+    with pytest.raises(ConfigError, match="logit_softcap"):
+        tiny_config(logit_softcap=0.0)

@@ -150,6 +150,15 @@ def test_linear_schedule_decays_in_equal_steps():
     assert lr_at(6, cfg, 10, 2) < lr_at(6, TrainConfig(lr=1.0, min_lr=0.2, warmup_steps=2), 10, 2)  # below cosine mid-run
 
 
+def test_wsd_schedule_holds_lr_then_decays_over_the_last_fraction():
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=2, lr_schedule="wsd", decay_fraction=0.25)
+    lrs = [lr_at(s, cfg, 20, 2) for s in range(21)]
+    assert lrs[:2] == [0.5, 1.0] and set(lrs[2:16]) == {1.0}  # stable until step 15 = 20 - 0.25 * 20
+    assert lrs[16:] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])
+    with pytest.raises(ConfigError, match="decay_fraction.*only applies"):
+        TrainConfig(decay_fraction=0.5)
+
+
 def test_batch_plan():
     cpu = torch.device("cpu")
     plan = plan_batches(TrainConfig(batch_tokens=4096, grad_accum_steps=4), 128, 1000, cpu)

@@ -34,13 +34,15 @@ class psannLMDataPrep(PreparedData):
                  tokenizer_model_path: str | None = None, max_length: int = 256, pack_sequences: bool = True,
                  val_split: float = 0.1, seed: int = 1337, *, vocab_size: int | None = None,
                  doc_separator: str | None = None, val_texts: Iterable[str | os.PathLike] | None = None,
-                 cache_dir: str | None = None, config: DataConfig | None = None, objective: str = "causal"):
+                 cache_dir: str | None = None, sampling: str = "auto", config: DataConfig | None = None,
+                 objective: str = "causal"):
         if (texts is None) == (config is None):
             raise DataError("psannLMDataPrep needs texts (a list of strings or file paths) or a DataConfig, not both.")
         if config is None:
             config = DataConfig(tokenizer=tokenizer, tokenizer_model_path=tokenizer_model_path,
                                 tokenizer_vocab_size=vocab_size, max_length=max_length, pack_sequences=pack_sequences,
-                                val_split=val_split, seed=seed, doc_separator=doc_separator, cache_dir=cache_dir)
+                                val_split=val_split, seed=seed, doc_separator=doc_separator, cache_dir=cache_dir,
+                                sampling=sampling)
         if objective not in OBJECTIVES:
             raise ConfigError(unknown_choice("objective", objective, OBJECTIVES))
         prepared = prepare_data(config, texts, val_texts, eos_padded_answers=OBJECTIVES[objective].eos_padded_answers)

@@ -244,6 +244,13 @@ class ModelConfig(_Validated):
     rope_theta: float = _opt(10000.0, "RoPE base frequency.", min=0.0, min_exclusive=True)
     norm_eps: float = _opt(1e-5, "RMSNorm epsilon.", min=0.0, min_exclusive=True)
     tie_embeddings: bool = _opt(True, "Share the token embedding with the output head.")
+    qk_norm: bool = _opt(False, "RMSNorm each head's queries and keys before RoPE (OLMo 2, Qwen3, modded-nanogpt): attention logits stay bounded, so higher learning rates stay stable.")
+    mlp: str = _opt("swiglu", "MLP of the attention blocks: swiglu (gated, hidden 2/3 * hidden_ratio * d_model) or relu2 (ReLU squared, ungated, hidden hidden_ratio * d_model; modded-nanogpt, nanochat). The sine bases have their own MLP.", choices=("swiglu", "relu2"),
+                    only={"base": ("transformer", "byte", "hnet")}, only_label="the bases transformer, byte and hnet (the sine bases use sine MLPs)")
+    logit_softcap: float | None = _opt(None, "Soft-cap the output logits: cap * tanh(logits / cap) (Gemma 2, modded-nanogpt use 15-30); none: off.", min=0.0, min_exclusive=True)
+    value_embeddings: bool = _opt(False, "Give every attention layer a token embedding of its own added to its values (modded-nanogpt, nanochat): vocab_size x d_model lookup parameters per layer, no extra matmuls.",
+                                  only={"base": ("transformer", "byte", "respsann", "waveresnet")}, only_label="the flat bases (an H-Net's inner stages see chunks, not tokens)")
+    zero_init_residual: bool = _opt(False, "Start the projections that write into the residual stream (attention and MLP outputs) at zero, so every block begins as the identity (modded-nanogpt, nanochat).")
     dropout: float = _opt(0.0, "Dropout on attention weights and residual branches during training.", min=0.0, max=1.0)
     init_std: float = _opt(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
     causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention (objective diffusion sets it false).")
@@ -251,6 +258,7 @@ class ModelConfig(_Validated):
     mask_token_id: int | None = _opt(None, "diffusion only: id of the mask token (default: the tokenizer's vocabulary size, i.e. one id appended after it).", min=0, only={"objective": ("diffusion",)})
     noise_epsilon: float = _opt(1e-3, "diffusion only: masking probability p = (1 - eps) t + eps, so no sequence goes unmasked and 1/p stays <= 1/eps.", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("diffusion",)})
     random_trunc_prob: float = _opt(0.01, "diffusion only: probability that a training batch is cut to a random length in [1, max_length].", min=0.0, max=1.0, only={"objective": ("diffusion",)})
+    shift_logits: bool = _opt(False, "diffusion only: predict each position from the output one position to its left, as a causal LM's head does (DiffuLLaMA, Dream; the first position keeps its own), so a causal checkpoint (train.init_from) starts the denoiser where it left off.", only={"objective": ("diffusion",)})
     t_sampling: str = _opt("stratified", "diffusion only: how the batch's noise levels t are drawn: uniform (independent), stratified ((i + u) / B), antithetic (t and 1 - t pairs).", choices=("uniform", "stratified", "antithetic"), only={"objective": ("diffusion",)})
     sine_params: dict[str, Any] | None = _opt(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
     layer_type: str = _opt("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"),
@@ -277,6 +285,9 @@ class ModelConfig(_Validated):
                 raise ConfigError(f"'model.d_model' ({width}) must be divisible by 'model.n_heads' ({self.n_heads}).")
             if (width // self.n_heads) % 2 and self.rope and self.layer_type == "transformer":
                 raise ConfigError(f"RoPE needs an even head size; d_model/n_heads = {width // self.n_heads}. Change d_model or n_heads.")
+        if self.layer_type == "hgrn_bit" and (self.qk_norm or self.mlp != "swiglu" or self.value_embeddings):
+            raise ConfigError("'model.qk_norm', 'model.mlp' and 'model.value_embeddings' shape attention blocks; "
+                              "layer_type hgrn_bit has a recurrence and its own GLU. Remove them or use layer_type transformer.")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"'model.n_heads' ({self.n_heads}) must be divisible by 'model.n_kv_heads' ({self.n_kv_heads}).")
 
@@ -300,7 +311,11 @@ class ModelConfig(_Validated):
 
     @property
     def mlp_hidden(self) -> int:
-        return self.d_mlp or gated_mlp_hidden(self.d_model, self.hidden_ratio)
+        if self.d_mlp:
+            return self.d_mlp
+        if self.mlp == "relu2":
+            return 64 * math.ceil(self.hidden_ratio * self.d_model / 64)
+        return gated_mlp_hidden(self.d_model, self.hidden_ratio)
 
 
 def gated_mlp_hidden(width: int, hidden_ratio: float) -> int:
@@ -324,8 +339,8 @@ class DataConfig(_Validated):
     seed: int = _opt(1337, "Seed for the train/validation split.")
     cache_dir: str | None = _opt(None, "Where train_files (or sft_files) are built into token shards (default: data/ in the run directory for `psannlm train`, else a temporary directory).")
     path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
-    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path or train_token_files. random and sequential need data.path or train_token_files.", choices=("auto", "shuffle", "random", "sequential"))
-    bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs data.path and sampling random or sequential).")
+    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path or train_token_files. random starts windows anywhere, so repeated epochs see new boundaries; random and sequential need packed windows (not sft_files or pack_sequences=false).", choices=("auto", "shuffle", "random", "sequential"))
+    bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs sampling random or sequential).")
     train_token_files: list[str] = _opt(None, "Arrays of token ids (.npy, as `psannlm tokenizer encode` writes them) to train on as one packed stream each, instead of train_files; the tokenizer is data.tokenizer_model_path, or the one saved beside the first array (X.tokenizer/ for X.npy).", factory=list)
     val_token_files: list[str] = _opt(None, "Held-out arrays of token ids for train_token_files (same tokenizer).", factory=list)
     sft_files: list[str] = _opt(None, "Supervised fine-tuning: JSONL files of {\"prompt\", \"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]} lines (rendered with the tokenizer's chat template), instead of train_files; the loss covers responses / assistant turns only (diffusion: the rest never masked, answers padded with EOS). With train.init_from the checkpoint's tokenizer is used.", factory=list)
@@ -346,10 +361,10 @@ class DataConfig(_Validated):
             if clash:
                 raise ConfigError(f"'data.path' trains on a built dataset with its own tokenizer and split; remove "
                                   f"{', '.join('data.' + k for k in clash)} (or drop data.path to train on text files).")
-        elif (self.sampling in ("random", "sequential") or self.bos_aligned) and not self.train_token_files:
-            raise ConfigError("'data.sampling' random/sequential and 'data.bos_aligned' read built token shards: set "
-                              "data.path (make one with `psannlm data build`) or data.train_token_files, or use "
-                              "sampling auto/shuffle.")
+        elif (self.sampling in ("random", "sequential") or self.bos_aligned) and (self.sft_files or not self.pack_sequences):
+            raise ConfigError("'data.sampling' random/sequential and 'data.bos_aligned' read windows straight from a "
+                              "packed token stream; sft_files and pack_sequences=false make one window per document. "
+                              "Use sampling auto/shuffle there.")
         if self.bos_aligned and self.sampling == "shuffle":
             raise ConfigError("'data.bos_aligned' works with sampling random or sequential, not shuffle.")
 
@@ -369,7 +384,8 @@ class TrainConfig(_Validated):
     lr: float = _opt(3e-4, "Peak learning rate.", min=0.0, min_exclusive=True)
     min_lr: float | None = _opt(None, "Final learning rate of the cosine decay (default: lr / 10).", min=0.0)
     warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 5% of the run, at most 1000).", min=0)
-    lr_schedule: str = _opt("cosine", "Decay after warmup, from lr to min_lr at the last step: cosine or linear.", choices=("cosine", "linear"))
+    lr_schedule: str = _opt("cosine", "Decay after warmup, from lr to min_lr at the last step: cosine, linear, or wsd (warmup-stable-decay: lr held until the last decay_fraction of the steps, then linear to min_lr).", choices=("cosine", "linear", "wsd"))
+    decay_fraction: float = _opt(0.2, "wsd only: the share of the steps, at the end, over which lr falls to min_lr.", min=0.0, max=1.0, min_exclusive=True, only={"lr_schedule": ("wsd",)})
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (never on norms, biases, embeddings or gains).", min=0.0)
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas.")
     label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
@@ -387,7 +403,7 @@ class TrainConfig(_Validated):
     seed: int = _opt(1337, "Seed for initialisation, data order and dropout.")
     checkpoint_dir: str | None = _opt(None, "Run directory for checkpoints, metrics and plots (default: runs/<timestamp>).")
     resume_from: str | None = _opt(None, "Checkpoint directory to resume from (exact continuation), or 'latest' in checkpoint_dir.")
-    init_from: str | None = _opt(None, "Checkpoint directory whose weights start a new run (fresh optimizer and schedule).")
+    init_from: str | None = _opt(None, "Checkpoint directory whose weights start a new run (fresh optimizer and schedule); a causal checkpoint may start a diffusion model (model.objective=diffusion, best with model.shift_logits), its mask token's embedding the mean of the others.")
     log_interval_steps: int = _opt(10, "Steps between metric log lines.", min=1)
     log_norms: bool = _opt(False, "Also log, at each log step, the weights' global L2 norm (weight_l2_norm) and the RMS of each block's output in that step's last training forward (act_rms.<block>), averaged over ranks.")
     eval_interval_steps: int = _opt(200, "Steps between validation runs (0: only at the end).", min=0)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .hgrn_bit import HGRNBitBlock
-from .layers import DecoderBlock, KVCache, SwiGLU, matmul_parameters
+from .layers import DecoderBlock, KVCache, make_mlp, matmul_parameters
 from .transformer import TransformerLM
 
 
@@ -16,7 +16,7 @@ def make_byte_block(config: ModelConfig, layer_index: int) -> nn.Module:
     """A block of `config.layer_type` at width config.d_model (shared by the flat and hierarchical models)."""
     if config.layer_type == "hgrn_bit":
         return HGRNBitBlock(config, layer_index)
-    return DecoderBlock(config, layer_index, SwiGLU(config.d_model, config.mlp_hidden))
+    return DecoderBlock(config, layer_index, make_mlp(config))
 
 
 def new_block_cache(config: ModelConfig, n_blocks: int, batch_size: int, max_len: int, device, dtype) -> KVCache:

@@ -62,6 +62,11 @@ def _check_convertible_config(cfg: ModelConfig) -> None:
                           "model.rope=false (learned absolute positions) and cannot be converted.")
     if not cfg.causal:
         raise ConfigError("Hugging Face LlamaForCausalLM is causal; this model was built with model.causal=false.")
+    beyond = [k for k, plain in (("qk_norm", False), ("mlp", "swiglu"), ("logit_softcap", None),
+                                          ("value_embeddings", False)) if getattr(cfg, k) != plain]
+    if beyond:
+        raise ConfigError(f"Hugging Face Llama has no {', '.join('model.' + k for k in beyond)} (set to "
+                          f"{', '.join(repr(getattr(cfg, k)) for k in beyond)}); only a model trained without them converts.")
     if cfg.vocab_size is None or cfg.max_seq_len is None:
         raise ConfigError("model.vocab_size and model.max_seq_len must be set before converting to Hugging Face.")
 

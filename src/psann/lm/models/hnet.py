@@ -32,7 +32,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..tokenizers.byte import BOS_ID
 from .byte import make_byte_block, new_block_cache
-from .layers import KVCache, LanguageModel, RMSNorm, RotaryEmbedding, init_weights, run_blocks
+from .layers import KVCache, LanguageModel, RMSNorm, RotaryEmbedding, init_weights, run_blocks, soft_cap
 from .scan import linear_scan
 
 
@@ -322,7 +322,7 @@ class HNetLM(LanguageModel):
             x, stats = self.stage(self.embed(input_ids), force=input_ids == BOS_ID)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
+        logits = soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)
         if not return_aux:
             return logits
         loss = sum((s["ratio_loss"] for s in stats), torch.zeros((), device=logits.device))

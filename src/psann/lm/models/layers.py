@@ -130,6 +130,7 @@ class BlockInputs:
     is_causal: bool                                 # let SDPA apply the causal mask itself
     cache: "KVCache | None"
     token_mask: torch.Tensor | None = None          # (B, T), 0 at padding; for layers that mix along time
+    token_ids: torch.Tensor | None = None           # (B, T) input ids, for value embeddings
 
 
 def mask_positions(attention_mask: torch.Tensor, past: int, length: int) -> torch.Tensor:
@@ -139,7 +140,7 @@ def mask_positions(attention_mask: torch.Tensor, past: int, length: int) -> torc
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *, rope: RotaryEmbedding | None, causal: bool,
                cache: KVCache | None, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Run a stack of blocks over x (B, T, D): one BlockInputs for all of them, then advance the cache.
 
     attention_mask (B, past + T) marks real tokens (1) and padding or skipped slots (0), cached
@@ -153,7 +154,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *, rope: RotaryEmbedding 
         rope=rope(position_ids, past, T, x.dtype) if rope is not None else None,
         attn_mask=build_attention_mask(attention_mask, T, past, causal, x.device),
         is_causal=causal and past == 0 and T > 1, cache=cache,
-        token_mask=attention_mask[:, past:past + T] if attention_mask is not None else None)
+        token_mask=attention_mask[:, past:past + T] if attention_mask is not None else None, token_ids=token_ids)
     for block in blocks:
         x = block(x, inputs)
     if cache is not None:
@@ -169,6 +170,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.value_embed = (nn.Embedding(config.vocab_size, self.n_kv_heads * self.head_dim)
+                            if config.value_embeddings else None)
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         B, T, _ = x.shape
@@ -179,7 +184,11 @@ class Attention(nn.Module):
         q, k, v = F.linear(x, w_q), F.linear(x, w_k), F.linear(x, w_v)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.value_embed is not None:
+            v = v + self.value_embed(inputs.token_ids)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if inputs.rope is not None:
             q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
         if inputs.cache is not None:
@@ -204,6 +213,30 @@ class SwiGLU(nn.Module):
         # views that make silu and its backward ~2x slower (measured on CPU).
         w_gate, w_up = self.gate_up.weight.split(self.hidden, dim=0)
         return self.down(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
+
+
+class ReLU2MLP(nn.Module):
+    """relu(x W_up)^2 W_down: ungated, so one input matmul instead of SwiGLU's two."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    """The attention blocks' MLP that model.mlp names, at width config.d_model."""
+    if config.mlp == "relu2":
+        return ReLU2MLP(config.d_model, config.mlp_hidden)
+    return SwiGLU(config.d_model, config.mlp_hidden)
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) (model.logit_softcap): smooth, keeps logits within +-cap."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 class DecoderBlock(nn.Module):
@@ -231,12 +264,16 @@ RESIDUAL_OUTPUTS = ("attn.out", "mlp.down", "mlp.fc2", "wave.out", "mixer.out")
 
 def init_weights(model: nn.Module, config: ModelConfig) -> None:
     """Normal(0, init_std) for linears/embeddings; output projections of residual branches scaled
-    by 1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+    by 1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth, or
+    zero (model.zero_init_residual: every block starts as the identity)."""
     residual_std = config.init_std / math.sqrt(2 * config.n_layers)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else config.init_std
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = name.endswith(RESIDUAL_OUTPUTS)
+            if residual and config.zero_init_residual:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if residual else config.init_std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

@@ -1,4 +1,5 @@
-"""Llama-style decoder: token embedding, pre-norm blocks (RMSNorm, RoPE attention via SDPA, SwiGLU), tied head."""
+"""Llama-style decoder: token embedding, pre-norm blocks (RMSNorm, RoPE attention via SDPA, SwiGLU or ReLU^2), tied head; the recipe options (QK-norm, soft-capped logits,
+zero-init residual projections) are model.* keys."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .layers import (DecoderBlock, KVCache, LanguageModel, RMSNorm, RotaryEmbedding, SwiGLU, init_weights,
-                     mask_positions, run_blocks)
+from .layers import (DecoderBlock, KVCache, LanguageModel, RMSNorm, RotaryEmbedding, init_weights, make_mlp,
+                     mask_positions, run_blocks, soft_cap)
 
 
 class TransformerLM(LanguageModel):
@@ -43,7 +44,7 @@ class TransformerLM(LanguageModel):
 
     def make_mlp(self, layer_index: int) -> nn.Module:
         """The MLP of block `layer_index`; other families override this (e.g. a sine MLP)."""
-        return SwiGLU(self.config.d_model, self.config.mlp_hidden)
+        return make_mlp(self.config)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.embed.weight
@@ -72,7 +73,10 @@ class TransformerLM(LanguageModel):
                                  "of a model with learned positions; shorten the input.")
             x = x + self.pos_embed(position_ids)
         x = run_blocks(self.blocks, self.drop(x), rope=self.rope, causal=self.config.causal, cache=cache,
-                       attention_mask=attention_mask, position_ids=position_ids)
+                       attention_mask=attention_mask, position_ids=position_ids, token_ids=input_ids)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        logits = soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)
+        if self.config.shift_logits:  # position i read from i - 1, as the causal head it may start from
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_gather_object
@@ -32,6 +33,33 @@ def check_same_tokenizer(tokenizer, checkpoint: str) -> None:
         raise ConfigError(f"the data's tokenizer ({tokenizer.kind}, vocab {tokenizer.vocab_size}) is not the one "
                           f"{checkpoint} was trained with ({theirs.kind}, vocab {theirs.vocab_size}); use "
                           f"data.tokenizer_model_path={Path(checkpoint) / ckpt.TOKENIZER} (or leave it unset).")
+
+
+def load_init_weights(model: nn.Module, checkpoint: str) -> None:
+    """train.init_from: the checkpoint's weights. A causal checkpoint starting a diffusion model
+    lacks the mask token appended after the vocabulary: its embedding (and head) row starts as the
+    mean of the others; every other tensor must fit exactly."""
+    theirs = ckpt.read_checkpoint_config(checkpoint).model
+    mine = getattr(model, "config", None)
+    grows = (mine is not None and theirs.objective == "causal" and mine.objective == "diffusion"
+             and theirs.vocab_size is not None and mine.vocab_size == theirs.vocab_size + 1)
+    directory = ckpt.resolve_checkpoint(checkpoint)
+    if not grows or not (directory / ckpt.WEIGHTS).exists():
+        ckpt.load_weights(model, checkpoint)
+        return
+    ckpt.verify_checkpoint(directory, ckpt.WEIGHTS)
+    state = load_file(str(directory / ckpt.WEIGHTS))
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and tensor.ndim == 2 and tensor.shape[0] + 1 == own[name].shape[0] == mine.vocab_size:
+            state[name] = torch.cat([tensor, tensor.mean(0, keepdim=True)])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    missing = [name for name in missing if own[name].data_ptr() not in loaded]  # tied weights are stored once
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {directory} do not fit the diffusion model built from them "
+                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}).")
+    log.info("the mask token's embedding starts as the mean of the causal checkpoint's")
 
 
 def check_resumable(checkpoint: str, config: RunConfig, tokenizer) -> None:

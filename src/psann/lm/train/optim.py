@@ -145,11 +145,15 @@ class MuonAdamW(torch.optim.AdamW):
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup from lr/warmup to lr, then cosine (or linear, train.lr_schedule) decay to
-    min_lr at the last step."""
+    """Linear warmup from lr/warmup to lr, then cosine, linear or warmup-stable-decay
+    (train.lr_schedule) to min_lr at the last step."""
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     if step < warmup_steps:
         return cfg.lr * (step + 1) / warmup_steps
+    if cfg.lr_schedule == "wsd":  # hold lr, then fall linearly over the last decay_fraction of the run
+        decay_start = max(warmup_steps, total_steps - round(cfg.decay_fraction * total_steps))
+        progress = min(1.0, max(0, step - decay_start) / max(1, total_steps - decay_start))
+        return cfg.lr - (cfg.lr - min_lr) * progress
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     if cfg.lr_schedule == "linear":

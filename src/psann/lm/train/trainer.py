@@ -23,7 +23,7 @@ from .loggers import Loggers, open_loggers
 from .norms import NormProbe
 from .metrics import plot_loss_curve
 from . import checkpoint as ckpt
-from .checkpointer import Checkpointer, check_same_tokenizer
+from .checkpointer import Checkpointer, check_same_tokenizer, load_init_weights
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier
 from .optim import build_optimizer, lr_at
 from .parallel import no_grad_sync, parallelize, uncompile_blocks
@@ -116,7 +116,7 @@ class Trainer:
         if cfg.init_from:
             ckpt.read_checkpoint_config(cfg.init_from)  # says "not found" or lists a run directory's checkpoints
             check_same_tokenizer(tokenizer, cfg.init_from)
-            ckpt.load_weights(self.model, cfg.init_from)
+            load_init_weights(self.model, cfg.init_from)
             log.info("initialised weights from %s", cfg.init_from)
         # The weights were initialised identically on every rank; dropout and sampling now differ.
         torch.manual_seed(cfg.seed + self.dist.rank)
