@@ -8,7 +8,10 @@ seed, stratified t, standard error printed). Both also in bits per byte of the v
 The peer is the causal model, measured in the same run; the ratio is exp(NELBO) / exp(AR loss),
 the perplexity gap (published anchor: MDLM within about 1.15-1.3x of AR). Also the validation
 cross-entropy of the training unigram distribution, the floor of a model that ignores context.
-Prints one JSON object with samples from both.
+With --causal-share S (default 0.5) a third model shares the same total budget: a causal run for
+S of it, then the diffusion objective started from its final weights (train.init_from, logits
+shifted as in DiffuLLaMA / Dream so the causal head's next-token predictions carry over) for the
+rest. Prints one JSON object with samples from every model.
 
     python benchmarks/diffusion_vs_ar.py                 # 300 s per model, ~15 min on 2 cores
     python benchmarks/diffusion_vs_ar.py --budget-s 600
@@ -129,7 +132,7 @@ def main(argv=None) -> None:
         "data": {"train": args.train, "valid": f"{args.valid} (first {args.valid_bytes:,} bytes, {len(val_docs)} stories)",
                  "valid_bytes": val_bytes, "tokenizer": f"byte-level BPE (tokenizers), vocab {dp.vocab_size}"},
         "setup": {**common, "seq": args.seq, "batch_tokens": args.batch_tokens, "budget_s": args.budget_s,
-                  "lr": args.lr, "schedule": "warmup 5%, cosine to lr/10", "mc_draws": args.mc_draws,
+                  "lr": args.lr, "schedule": "warmup 5%, then the default (wsd: the last 30% to lr/10)", "optimizer": "the default (auto: Muon)", "mc_draws": args.mc_draws,
                   "diffusion": "eps 1e-3, random_trunc_prob 0.01, stratified t",
                   "precision": "bf16 autocast" if cpu_has_native_bf16() else "fp32",
                   "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__},

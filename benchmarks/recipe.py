@@ -4,7 +4,7 @@ Tasks (`--task`):
   shakespeare  characters of ../shared/data/tinyshakespeare/input.txt, the first 90% to train on
                and the last 10% to validate (every window of 64 characters scored once); 4 layers,
                4 heads, width 128, context 64, 12 windows (768 tokens) per step, `--steps` 2,000
-               steps (1.54M tokens), lr 1e-3 -> 1e-4 (cosine), warmup 100, fp32 on the CPU.
+               steps (1.54M tokens), lr 1e-3 -> 1e-4, warmup 100 (the schedule is the contender's), fp32.
   tinystories  the 2 MiB TinyStories train head with a 4,096-token byte-level BPE trained on it,
                the whole valid head scored (every token once); 4 layers, 4 heads, width 192,
                context 256, 16 windows (4,096 tokens) per step, lr 1e-3 -> 1e-4, warmup 100,
@@ -59,7 +59,8 @@ BASE_TRAIN = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100}
 # name -> (model options, train options); a contender applies several in the order given.
 CHANGES: dict[str, tuple[dict, dict]] = {
     "previous": ({"qk_norm": False, "mlp": "swiglu", "tie_embeddings": True, "logit_softcap": None,
-                  "zero_init_residual": False, "value_embeddings": False}, {}),  # the defaults before the recipe work
+                  "zero_init_residual": False, "value_embeddings": False},
+                 {"optimizer": "adamw", "lr_schedule": "cosine", "betas": (0.9, 0.95)}),  # the defaults before the recipe work
     "qknorm": ({"qk_norm": True}, {}),
     "relu2": ({"mlp": "relu2"}, {}),
     "untied": ({"tie_embeddings": False}, {}),
@@ -85,7 +86,7 @@ CHANGES: dict[str, tuple[dict, dict]] = {
 
 
 # Changes to how the windows are drawn (data keys).
-DATA_CHANGES = {"randwin": {"sampling": "random"}}
+DATA_CHANGES = {"randwin": {"sampling": "random"}, "previous": {"sampling": "shuffle"}}
 
 
 def contender_data(dp, name: str):
@@ -105,7 +106,7 @@ def contender_options(name: str) -> tuple[dict, dict]:
     if name in ("default", "nanogpt"):
         return model, train
     for part in name.split("+"):
-        if part in DATA_CHANGES:
+        if part in DATA_CHANGES and part not in CHANGES:
             continue
         if part not in CHANGES:
             raise SystemExit(f"unknown change {part!r} in contender {name!r}; known: default, nanogpt, {', '.join([*CHANGES, *DATA_CHANGES])}")

@@ -11,7 +11,8 @@ from psann.lm import psannLM, psannLMDataPrep
 TEXT = [f"the {a} {b} sat on the {c} mat number {i}." for i, (a, b, c) in
         enumerate([("red", "cat", "blue"), ("big", "dog", "green"), ("old", "owl", "soft")] * 30)]
 MODEL = dict(d_model=32, n_layers=2, n_heads=4)
-TRAIN = dict(amp="fp32", progress=False, plot=False, log_interval_steps=1, eval_interval_steps=3, device="cpu",
+# AdamW: FSDP runs it (train.optimizer=auto picks Muon elsewhere); test_ddp_muon_matches_one_process runs Muon
+TRAIN = dict(optimizer="adamw", amp="fp32", progress=False, plot=False, log_interval_steps=1, eval_interval_steps=3, device="cpu",
              max_steps=6, batch_tokens=128, lr=3e-3, warmup_steps=2, save_interval_steps=3)
 
 

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import run  # noqa: E402
 
+from psann.lm.errors import ConfigError  # noqa: E402
+
 WORKER = Path(__file__).parent / "dist_worker.py"
 
 
@@ -77,6 +79,21 @@ def test_sharded_checkpoint_resumes_under_two_ranks_and_one(runs, tmp_path):
         assert_close_weights(runs / "fsdp/checkpoints/final", tmp_path / resumed / "checkpoints/final")
 
 
+def test_resume_refuses_an_optimizer_whose_state_differs(runs, tmp_path):
+    # auto is Muon in one process, but the FSDP run's state is AdamW's: named, not a missing-key error
+    with pytest.raises(ConfigError, match="holds adamw's optimizer state .* train.optimizer=adamw"):
+        run({"checkpoint_dir": str(tmp_path / "one"), "optimizer": "auto",
+             "resume_from": str(runs / "fsdp/checkpoints/step_0000003")})
+
+
+def test_ddp_muon_matches_one_process(tmp_path):
+    run({"checkpoint_dir": str(tmp_path / "single"), "optimizer": "muon"})
+    torchrun({"checkpoint_dir": str(tmp_path / "ddp"), "optimizer": "auto"})  # auto under DDP: Muon
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    # torch.optim.Muon orthogonalises in bf16, so the all-reduce's last-bit gradient differences show
+    assert_close_weights(tmp_path / "single/checkpoints/final", tmp_path / "ddp/checkpoints/final", rel=1e-2)
+
+
 def test_ddp_checkpoint_resumes_in_one_process(runs, tmp_path):
     run({"checkpoint_dir": str(tmp_path / "one"), "resume_from": str(runs / "ddp/checkpoints/step_0000003")})
     assert losses(tmp_path / "one") == pytest.approx(losses(runs / "ddp")[3:], rel=1e-5)
@@ -112,9 +129,9 @@ def test_other_sharding_modes_match_one_process(runs, tmp_path, options):
 def test_dry_run_matches_a_hand_count(capsys):
     from psann.lm.train.cli import main
 
-    # d=8, 1 layer, 2 heads, vocab 10, tied head, SwiGLU hidden 64:
-    # embed 80 + norms 8+8+8 + qkv 8x24 + out 8x8 + gate_up 8x128 + down 64x8 = 1896 parameters.
-    n = 80 + 24 + 192 + 64 + 1024 + 512
+    # d=8, 1 layer, 2 heads, vocab 10, tied head, SwiGLU hidden 64, QK-norm:
+    # embed 80 + norms 8+8+8 + q/k norms 4+4 + qkv 8x24 + out 8x8 + gate_up 8x128 + down 64x8 = 1904 parameters.
+    n = 80 + 24 + 8 + 192 + 64 + 1024 + 512
     args = ["--base", "transformer", "--d-model", "8", "--n-layers", "1", "--n-heads", "2", "--vocab-size", "10",
             "--max-length", "4", "--batch-tokens", "64", "--fsdp", "full_shard", "--world-size", "2", "--amp", "fp32",
             "--max-tokens", "1000000", "--gpu", "A100", "--mfu", "0.5", "--dry-run"]
@@ -129,6 +146,19 @@ def test_dry_run_matches_a_hand_count(capsys):
     assert plan["micro_batch_windows"] == 8  # 16 windows of 4 per step over 2 ranks
     # fp32 on A100: 19.5 TFLOP/s; time = tokens x FLOPs/token / (GPUs x peak x MFU)
     assert plan["days"] * 86400 == pytest.approx(1e6 * plan["flops_per_token"] / (2 * 19.5e12 * 0.5))
+
+
+def test_dry_run_counts_muon_state_where_auto_picks_it(capsys):
+    from psann.lm.train.cli import main
+
+    # the model of test_dry_run_matches_a_hand_count in one process: Muon's one fp32 momentum on the
+    # block matrices (qkv 192 + out 64 + gate_up 1024 + down 512), AdamW's two on the rest (112)
+    args = ["--base", "transformer", "--d-model", "8", "--n-layers", "1", "--n-heads", "2", "--vocab-size", "10",
+            "--max-length", "4", "--batch-tokens", "64", "--amp", "fp32", "--max-tokens", "1000000", "--dry-run"]
+    assert main(args) == 0
+    plan = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert plan["optimizer"] == "muon"
+    assert plan["memory_gb_per_gpu"]["optimizer"] * 2**30 == pytest.approx(4 * 1792 + 8 * 112)
 
 
 def test_spec_flags_are_config_keys(capsys):

@@ -67,6 +67,17 @@ def test_batch_rows_equal_single_prompt_results(model):
         assert row == generate_tokens(model, [p], _greedy(20), eos_id=None, pad_id=PAD, max_seq_len=48)[0]
 
 
+def test_batch_rows_equal_single_prompts_past_the_context_window():
+    # rows of different lengths fill their windows at different steps; each slides as it would alone
+    torch.manual_seed(1)
+    model = build_model(tiny_config(max_seq_len=48, init_std=0.5)).eval()  # large weights: output follows context
+    # (a window of 48 keeps 36: the 40-token row slides at step 9, when the 30-token row holds 39)
+    prompts = [[2, *range(3, 42)], [2, *range(10, 39)], [2, 5, 9]]
+    batch = generate_tokens(model, prompts, _greedy(60), eos_id=None, pad_id=PAD, max_seq_len=48)
+    for p, row in zip(prompts, batch):
+        assert row == generate_tokens(model, [p], _greedy(60), eos_id=None, pad_id=PAD, max_seq_len=48)[0]
+
+
 def test_cache_and_recompute_agree(model):
     prompts = [[2, 5, 9, 13], [2, 3]]
     with_cache = generate_tokens(model, prompts, _greedy(25), eos_id=None, pad_id=PAD, max_seq_len=48)

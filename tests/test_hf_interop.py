@@ -61,11 +61,11 @@ def assert_same_logits(psann_model, hf_model, ids=None) -> None:
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_ours_to_hf_same_logits(tied):
-    model = ours(tied)
+@pytest.mark.parametrize("tied,qk_norm", [(True, False), (False, False), (True, True)])
+def test_ours_to_hf_same_logits(tied, qk_norm):
+    model = ours(tied, qk_norm=qk_norm)
     hf = to_hf_llama(model).eval()
-    assert isinstance(hf, transformers.LlamaForCausalLM)
+    assert isinstance(hf, transformers.Qwen3ForCausalLM if qk_norm else transformers.LlamaForCausalLM)
     assert hf.config.num_key_value_heads == 2 and hf.config.intermediate_size == 160
     assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
     assert hf.config._attn_implementation == "sdpa"
@@ -90,6 +90,18 @@ def test_hf_to_ours_same_logits(tied):
     assert_same_logits(model, hf)
 
 
+def test_qwen3_to_ours_same_logits():
+    torch.manual_seed(4)
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf = transformers.Qwen3ForCausalLM(config)
+    randomize_norms(hf)  # q_norm / k_norm gains too
+    model = from_hf_llama(hf.eval())
+    assert model.config.qk_norm and model.blocks[0].attn.q_norm is not None
+    assert_same_logits(model, hf)
+
+
 def test_llama_config_round_trip():
     cfg = tiny_config(tied=False)
     back = model_config_from_llama(llama_config_from(cfg))
@@ -98,16 +110,16 @@ def test_llama_config_round_trip():
         assert getattr(back, key) == getattr(cfg, key), key
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_export_loads_with_auto_model_and_back(tmp_path, tied):
-    model = ours(tied, seed=3)
+@pytest.mark.parametrize("tied,qk_norm", [(True, False), (False, False), (False, True)])
+def test_export_loads_with_auto_model_and_back(tmp_path, tied, qk_norm):
+    model = ours(tied, seed=3, qk_norm=qk_norm)
     out = export_hf(model, None, tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert isinstance(loaded, transformers.LlamaForCausalLM)
+    assert isinstance(loaded, transformers.Qwen3ForCausalLM if qk_norm else transformers.LlamaForCausalLM)
     assert_same_logits(model, loaded.eval())
     again = from_hf_llama(out)  # from a saved directory
-    assert again.config.tie_embeddings == tied
+    assert again.config.tie_embeddings == tied and again.config.qk_norm == qk_norm
     assert_same_logits(again, loaded)
 
 
@@ -157,6 +169,8 @@ def test_greedy_generation_matches_hf():
 def test_unsupported_features_are_config_errors():
     with pytest.raises(ConfigError, match="rope"):
         to_hf_llama(build_model(tiny_config(True, rope=False)))
+    with pytest.raises(ConfigError, match="Qwen3 have no model.mlp, model.value_embeddings"):
+        to_hf_llama(build_model(tiny_config(True, mlp="relu2", value_embeddings=True)))
     base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4)
     bad = {
         "bias": dict(attention_bias=True),

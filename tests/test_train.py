@@ -156,7 +156,7 @@ def test_wsd_schedule_holds_lr_then_decays_over_the_last_fraction():
     assert lrs[:2] == [0.5, 1.0] and set(lrs[2:16]) == {1.0}  # stable until step 15 = 20 - 0.25 * 20
     assert lrs[16:] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])
     with pytest.raises(ConfigError, match="decay_fraction.*only applies"):
-        TrainConfig(decay_fraction=0.5)
+        TrainConfig(lr_schedule="cosine", decay_fraction=0.5)
 
 
 def test_batch_plan():

@@ -74,7 +74,9 @@ def test_a_non_finite_step_is_skipped_and_counted(dp, tmp_path, monkeypatch):
     optimizer_steps = []
     handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: optimizer_steps.append(1))
     try:
-        psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path), max_steps=6, save_interval_steps=1, **FAST)
+        # AdamW: one optimizer to count (Muon's default pairs two)
+        psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path), max_steps=6, save_interval_steps=1, optimizer="adamw",
+                            **FAST)
     finally:
         handle.remove()
     assert len(optimizer_steps) == 5  # six steps; the poisoned one never reached the optimizer

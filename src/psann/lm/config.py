@@ -244,7 +244,7 @@ class ModelConfig(_Validated):
     rope_theta: float = _opt(10000.0, "RoPE base frequency.", min=0.0, min_exclusive=True)
     norm_eps: float = _opt(1e-5, "RMSNorm epsilon.", min=0.0, min_exclusive=True)
     tie_embeddings: bool = _opt(True, "Share the token embedding with the output head.")
-    qk_norm: bool = _opt(False, "RMSNorm each head's queries and keys before RoPE (OLMo 2, Qwen3, modded-nanogpt): attention logits stay bounded, so higher learning rates stay stable.")
+    qk_norm: bool | None = _opt(None, "RMSNorm each head's queries and keys before RoPE (OLMo 2, Qwen3, modded-nanogpt): attention logits stay bounded; with Muon it is worth 1-2% of loss (docs/results/recipe.md). Default (none): on for attention layers (hgrn_bit has none). Exports as HF Qwen3 (false: Llama).")
     mlp: str = _opt("swiglu", "MLP of the attention blocks: swiglu (gated, hidden 2/3 * hidden_ratio * d_model) or relu2 (ReLU squared, ungated, hidden hidden_ratio * d_model; modded-nanogpt, nanochat). The sine bases have their own MLP.", choices=("swiglu", "relu2"),
                     only={"base": ("transformer", "byte", "hnet")}, only_label="the bases transformer, byte and hnet (the sine bases use sine MLPs)")
     logit_softcap: float | None = _opt(None, "Soft-cap the output logits: cap * tanh(logits / cap) (Gemma 2, modded-nanogpt use 15-30); none: off.", min=0.0, min_exclusive=True)
@@ -285,11 +285,16 @@ class ModelConfig(_Validated):
                 raise ConfigError(f"'model.d_model' ({width}) must be divisible by 'model.n_heads' ({self.n_heads}).")
             if (width // self.n_heads) % 2 and self.rope and self.layer_type == "transformer":
                 raise ConfigError(f"RoPE needs an even head size; d_model/n_heads = {width // self.n_heads}. Change d_model or n_heads.")
-        if self.layer_type == "hgrn_bit" and (self.qk_norm or self.mlp != "swiglu" or self.value_embeddings):
+        if self.layer_type == "hgrn_bit" and (self.qk_norm or self.mlp != "swiglu" or self.value_embeddings):  # None: n/a
             raise ConfigError("'model.qk_norm', 'model.mlp' and 'model.value_embeddings' shape attention blocks; "
                               "layer_type hgrn_bit has a recurrence and its own GLU. Remove them or use layer_type transformer.")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"'model.n_heads' ({self.n_heads}) must be divisible by 'model.n_kv_heads' ({self.n_kv_heads}).")
+
+    @property
+    def uses_qk_norm(self) -> bool:
+        """model.qk_norm resolved: its default is on wherever there is attention."""
+        return self.layer_type != "hgrn_bit" if self.qk_norm is None else self.qk_norm
 
     @property
     def widths(self) -> list[int]:
@@ -339,7 +344,7 @@ class DataConfig(_Validated):
     seed: int = _opt(1337, "Seed for the train/validation split.")
     cache_dir: str | None = _opt(None, "Where train_files (or sft_files) are built into token shards (default: data/ in the run directory for `psannlm train`, else a temporary directory).")
     path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
-    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = shuffle for train_files, random for a built path or train_token_files. random starts windows anywhere, so repeated epochs see new boundaries; random and sequential need packed windows (not sft_files or pack_sequences=false).", choices=("auto", "shuffle", "random", "sequential"))
+    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = random for packed windows (repeated epochs see new window boundaries), shuffle for sft_files and pack_sequences=false (one window per document). random and sequential need packed windows.", choices=("auto", "shuffle", "random", "sequential"))
     bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs sampling random or sequential).")
     train_token_files: list[str] = _opt(None, "Arrays of token ids (.npy, as `psannlm tokenizer encode` writes them) to train on as one packed stream each, instead of train_files; the tokenizer is data.tokenizer_model_path, or the one saved beside the first array (X.tokenizer/ for X.npy).", factory=list)
     val_token_files: list[str] = _opt(None, "Held-out arrays of token ids for train_token_files (same tokenizer).", factory=list)
@@ -384,8 +389,8 @@ class TrainConfig(_Validated):
     lr: float = _opt(3e-4, "Peak learning rate.", min=0.0, min_exclusive=True)
     min_lr: float | None = _opt(None, "Final learning rate of the cosine decay (default: lr / 10).", min=0.0)
     warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 5% of the run, at most 1000).", min=0)
-    lr_schedule: str = _opt("cosine", "Decay after warmup, from lr to min_lr at the last step: cosine, linear, or wsd (warmup-stable-decay: lr held until the last decay_fraction of the steps, then linear to min_lr).", choices=("cosine", "linear", "wsd"))
-    decay_fraction: float = _opt(0.2, "wsd only: the share of the steps, at the end, over which lr falls to min_lr.", min=0.0, max=1.0, min_exclusive=True, only={"lr_schedule": ("wsd",)})
+    lr_schedule: str = _opt("wsd", "Decay after warmup, from lr to min_lr at the last step: cosine, linear, or wsd (warmup-stable-decay: lr held until the last decay_fraction of the steps, then linear to min_lr).", choices=("cosine", "linear", "wsd"))
+    decay_fraction: float = _opt(0.3, "wsd only: the share of the steps, at the end, over which lr falls to min_lr.", min=0.0, max=1.0, min_exclusive=True, only={"lr_schedule": ("wsd",)})
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (never on norms, biases, embeddings or gains).", min=0.0)
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas.")
     label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
@@ -394,7 +399,7 @@ class TrainConfig(_Validated):
     ddp: str = _opt("auto", "DDP across torchrun processes: auto (on when WORLD_SIZE > 1 and fsdp is off), on, off.", choices=("auto", "on", "off"))
     fsdp: str = _opt("off", "FSDP2 sharding under torchrun: full_shard (params, grads, optimizer state), shard_grad_op (keep gathered weights from forward to backward), hybrid (shard within a node, replicate across nodes), off.", choices=("off", "full_shard", "shard_grad_op", "hybrid"))
     fsdp_cpu_offload: bool = _opt(False, "FSDP: keep parameter, gradient and optimizer shards in CPU memory (CUDA only; slower, fits larger models).")
-    optimizer: str = _opt("adamw", "adamw; zero_adamw (AdamW state sharded across DDP ranks); adamw8bit (bitsandbytes, CUDA; falls back to adamw with a message); adafactor; muon (torch.optim.Muon for the hidden weight matrices, its step RMS matched to AdamW's so train.lr serves both, AdamW for embeddings, head, norms and gains; one process or DDP).", choices=("adamw", "zero_adamw", "adamw8bit", "adafactor", "muon"))
+    optimizer: str = _opt("auto", "auto (muon, or adamw under FSDP; the measured default, docs/results/recipe.md); adamw; zero_adamw (AdamW state sharded across DDP ranks); adamw8bit (bitsandbytes, CUDA; falls back to adamw with a message); adafactor; muon (torch.optim.Muon for the hidden weight matrices, its step RMS matched to AdamW's so train.lr serves both, AdamW for embeddings, head, norms and gains; one process or DDP).", choices=("auto", "adamw", "zero_adamw", "adamw8bit", "adafactor", "muon"))
     device: str = _opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     compile: bool = _opt(False, "torch.compile each block (falls back to eager with a warning where unsupported).")
     grad_checkpoint: bool = _opt(False, "Activation checkpointing per block: recompute activations in backward to save memory.")

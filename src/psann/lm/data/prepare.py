@@ -37,7 +37,10 @@ class PreparedData:
     def sampling(self) -> str:
         if self.config.sampling != "auto":
             return self.config.sampling
-        return "random" if self.config.path or self.config.train_token_files else "shuffle"
+        # random starts need a full window of packed stream; one window per document, or a corpus
+        # shorter than a window (padded), is shuffled
+        windows = self.train_windows
+        return "random" if windows.layout == "packed" and windows.data.n_tokens > windows.max_length else "shuffle"
 
     def make_loader(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Loader:
         """The training loader (state_dict/load_state_dict resume exactly)."""

@@ -404,7 +404,8 @@ class Loader:
             if theirs.get(key) != mine[key]:
                 raise CheckpointError(
                     f"cannot resume the data loader: the checkpoint's loader had {key}={theirs.get(key)!r}, this run "
-                    f"{mine[key]!r}. Resume with the same data, tokenizer, max_length, seed and sampling, or start "
+                    f"{mine[key]!r}. Resume with the same data, tokenizer, max_length, seed and sampling (data.sampling="
+                    f"{theirs['mode']}), or start "
                     "a new run with train.init_from.")
         self.consumed = int(state["consumed"])
 

@@ -115,8 +115,9 @@ def run_config(path: str, values: dict, *, ddp: bool = False) -> RunConfig:
         raise ConfigError(f"{path}: [logging].backend must be console or wandb, got {logging_['backend']!r}.")
     # console: JSON lines on stdout (`| jq`), as diffusionlm's console logger printed them
     sections["train"]["loggers"] = ["json", "jsonl", "csv"] + (["wandb"] if logging_["backend"] == "wandb" else [])
-    if ddp:
-        sections["train"]["optimizer"] = "zero_adamw" if values["ddp"]["optimizer_state_sharding"] else "adamw"
+    # diffusionlm trained with AdamW on a cosine schedule (psann-lm's defaults are Muon and wsd)
+    sections["train"]["optimizer"] = "zero_adamw" if ddp and values["ddp"]["optimizer_state_sharding"] else "adamw"
+    sections["train"]["lr_schedule"] = "cosine"
     config = RunConfig.from_dict(sections)
     _check_backend(path, values["ddp"]["backend"], config.train.device)
     return config

@@ -202,7 +202,7 @@ def train_main(argv: list[str] | None = None) -> int:
         overrides += [f"--train.{k}={v}" for k, v in {
             "micro_batch_size": args.batch_size, "grad_accum_steps": args.gradient_accumulation_steps,
             "lr": args.learning_rate, "weight_decay": args.weight_decay, "grad_clip": args.max_grad_norm,
-            "warmup_steps": args.warmup_steps, "lr_schedule": args.scheduler, "amp": AMP[args.mixed_precision],
+            "warmup_steps": args.warmup_steps, "lr_schedule": args.scheduler, "optimizer": "adamw", "amp": AMP[args.mixed_precision],
             "max_steps": args.max_steps, "eval_interval_steps": args.eval_interval, "log_interval_steps": args.log_interval,
             "save_interval_steps": args.save_interval, "checkpoint_dir": out, "device": args.device,
             "seed": args.seed, "loggers": f"[console,jsonl,csv{tensorboard}]"}.items()]

@@ -1,10 +1,12 @@
-"""Move weights between psann's TransformerLM and Hugging Face `LlamaForCausalLM`.
+"""Move weights between psann's TransformerLM and Hugging Face `LlamaForCausalLM` (or
+`Qwen3ForCausalLM`, the same network with QK-norm, for models trained with model.qk_norm).
 
 The two architectures are the same network: pre-norm RMSNorm (computed in fp32), rotate-half
 RoPE, grouped-query attention with scale 1/sqrt(head_dim), SwiGLU MLP, no biases. The only layout
 difference is that psann fuses q/k/v into one `qkv` linear (rows: q, then k, then v) and gate/up
 into one `gate_up` linear (rows: gate, then up); HF keeps them as separate linears. Conversion
-therefore splits or concatenates rows; nothing is permuted.
+therefore splits or concatenates rows; nothing is permuted. Qwen3 adds per-head RMSNorms of the
+queries and keys before RoPE (q_norm, k_norm), as model.qk_norm does.
 
     hf = to_hf_llama(model)                  # psann -> transformers.LlamaForCausalLM
     model = from_hf_llama(hf_or_directory)   # transformers (or a save_pretrained dir) -> psann
@@ -62,10 +64,10 @@ def _check_convertible_config(cfg: ModelConfig) -> None:
                           "model.rope=false (learned absolute positions) and cannot be converted.")
     if not cfg.causal:
         raise ConfigError("Hugging Face LlamaForCausalLM is causal; this model was built with model.causal=false.")
-    beyond = [k for k, plain in (("qk_norm", False), ("mlp", "swiglu"), ("logit_softcap", None),
-                                          ("value_embeddings", False)) if getattr(cfg, k) != plain]
+    beyond = [k for k, plain in (("mlp", "swiglu"), ("logit_softcap", None), ("value_embeddings", False))
+              if getattr(cfg, k) != plain]
     if beyond:
-        raise ConfigError(f"Hugging Face Llama has no {', '.join('model.' + k for k in beyond)} (set to "
+        raise ConfigError(f"Hugging Face Llama and Qwen3 have no {', '.join('model.' + k for k in beyond)} (set to "
                           f"{', '.join(repr(getattr(cfg, k)) for k in beyond)}); only a model trained without them converts.")
     if cfg.vocab_size is None or cfg.max_seq_len is None:
         raise ConfigError("model.vocab_size and model.max_seq_len must be set before converting to Hugging Face.")
@@ -104,7 +106,15 @@ def llama_config_from(cfg: ModelConfig, **overrides: Any):
         pad_token_id=None,
     )
     values.update(overrides)
+    if cfg.uses_qk_norm:  # Qwen3: Llama plus q_norm/k_norm; its MLP has no bias switch and no window here
+        del values["mlp_bias"]
+        return transformers.Qwen3Config(**values, use_sliding_window=False, sliding_window=None)
     return transformers.LlamaConfig(**values)
+
+
+def _hf_model_class(cfg: ModelConfig):
+    transformers = _transformers()
+    return transformers.Qwen3ForCausalLM if cfg.uses_qk_norm else transformers.LlamaForCausalLM
 
 
 def _rope_theta_of(hf_config) -> float:
@@ -130,15 +140,17 @@ def _rope_theta_of(hf_config) -> float:
 def model_config_from_llama(hf_config) -> ModelConfig:
     """psann ModelConfig for a `transformers.LlamaConfig`; ConfigError for features psann lacks."""
     model_type = getattr(hf_config, "model_type", None)
-    if model_type != "llama":
-        raise ConfigError(f"expected a Hugging Face Llama config (model_type 'llama'), got model_type {model_type!r}.")
+    if model_type not in ("llama", "qwen3"):
+        raise ConfigError(f"expected a Hugging Face Llama or Qwen3 config (model_type 'llama' or 'qwen3'), got "
+                          f"model_type {model_type!r}.")
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConfigError(f"Hugging Face config uses activation '{act}'; psann's SwiGLU needs hidden_act 'silu'.")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, flag, False):
             raise ConfigError(f"Hugging Face config sets {flag}=true; psann's linears have no biases.")
-    if getattr(hf_config, "sliding_window", None) is not None or getattr(hf_config, "use_sliding_window", False):
+    window = getattr(hf_config, "use_sliding_window", False) if model_type == "qwen3" else getattr(hf_config, "sliding_window", None)
+    if window:
         raise ConfigError("Hugging Face config uses sliding-window attention; psann attends over the whole context.")
     if (getattr(hf_config, "pretraining_tp", 1) or 1) > 1:
         logger.info("ignoring pretraining_tp=%s (a tensor-parallel detail of the original training; the "
@@ -167,6 +179,7 @@ def model_config_from_llama(hf_config) -> ModelConfig:
         dropout=dropout,
         init_std=float(getattr(hf_config, "initializer_range", 0.02) or 0.02),
         causal=True,
+        qk_norm=model_type == "qwen3",
     )
 
 
@@ -204,6 +217,9 @@ def _hf_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
             prefix + "mlp.up_proj.weight": up,
             prefix + "mlp.down_proj.weight": block.mlp.down.weight,
         })
+        if block.attn.q_norm is not None:
+            sd.update({prefix + "self_attn.q_norm.weight": block.attn.q_norm.weight,
+                       prefix + "self_attn.k_norm.weight": block.attn.k_norm.weight})
     return {name: t.detach() for name, t in sd.items()}
 
 
@@ -230,20 +246,23 @@ def _psann_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
             ours + "mlp.gate_up.weight": torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0),
             ours + "mlp.down.weight": get(hf + "mlp.down_proj.weight"),
         })
+        if cfg.uses_qk_norm:
+            sd.update({ours + "attn.q_norm.weight": get(hf + "self_attn.q_norm.weight"),
+                       ours + "attn.k_norm.weight": get(hf + "self_attn.k_norm.weight")})
     return sd
 
 
 def to_hf_llama(model: TransformerLM, *, attn_implementation: str = "sdpa", **config_overrides: Any):
-    """A `transformers.LlamaForCausalLM` with the same config and a copy of `model`'s weights.
+    """A `transformers.LlamaForCausalLM` (Qwen3ForCausalLM with model.qk_norm) with the same config
+    and a copy of `model`'s weights.
 
     The result has the model's dtype and device and the same train/eval mode. Tied embeddings stay
-    tied. `config_overrides` go to LlamaConfig (see llama_config_from).
+    tied. `config_overrides` go to the HF config (see llama_config_from).
     """
-    transformers = _transformers()
     _check_convertible_model(model)
     config = llama_config_from(model.config, **config_overrides)
     ref = model.embed.weight
-    hf = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation)
+    hf = _hf_model_class(model.config)._from_config(config, attn_implementation=attn_implementation)
     hf.to(device=ref.device, dtype=ref.dtype)
     hf.load_state_dict(_hf_state_dict(model), strict=True)
     hf.train(model.training)
@@ -261,9 +280,8 @@ def from_hf_llama(hf_model_or_dir, *, dtype: torch.dtype | None = None) -> Trans
             raise ConfigError(f"'{directory}' is not a Hugging Face model directory (no config.json); pass a "
                               "directory written by save_pretrained or export_hf, or a LlamaForCausalLM.")
         hf_config = transformers.AutoConfig.from_pretrained(directory)
-        model_config_from_llama(hf_config)  # refuse unsupported features before reading the weights
-        hf = transformers.LlamaForCausalLM.from_pretrained(directory, config=hf_config,
-                                                           dtype=dtype if dtype is not None else "auto")
+        cfg = model_config_from_llama(hf_config)  # refuse unsupported features before reading the weights
+        hf = _hf_model_class(cfg).from_pretrained(directory, config=hf_config, dtype=dtype if dtype is not None else "auto")
         hf.eval()
     else:
         hf = hf_model_or_dir

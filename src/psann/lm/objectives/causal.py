@@ -117,9 +117,10 @@ def generate_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], gen: Gen
                     should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """New token ids for each prompt (EOS not included).
 
-    Prompts longer than the context keep their last max_seq_len - 1 tokens. When the cache fills
-    during a long generation, it is rebuilt from the most recent 3/4 of the window (a sliding
-    window that costs one prefill per quarter window, not one per token).
+    Prompts longer than the context keep their last max_seq_len - 1 tokens. When a row's window
+    fills during a long generation, it keeps its most recent 3/4 and the batch is prefilled again
+    (a sliding window that costs one prefill per quarter window, not one per token). Each row's
+    window is the one it would have alone, so batched rows equal single-prompt generation.
     `should_stop(row, new_ids)` lets the caller end a row early (e.g. on a stop string).
     """
     if not prompts:
@@ -129,17 +130,16 @@ def generate_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], gen: Gen
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompts = [list(p)[-(max_seq_len - 1):] if max_seq_len > 1 else list(p)[-1:] for p in prompts]
-    tokens, mask = left_pad(prompts, pad_id, device)
-    B = tokens.shape[0]
+    windows = [list(p)[-(max_seq_len - 1):] if max_seq_len > 1 else list(p)[-1:] for p in prompts]
+    B = len(windows)
     generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.seed is not None else None
     finished = [False] * B
     out: list[list[int]] = [[] for _ in range(B)]
-    cache, padded = None, False
+    cache, padded, mask = None, False, None
 
     def forward_window() -> torch.Tensor:
-        nonlocal cache, tokens, mask, padded
-        tokens, mask = tokens[:, -max_seq_len:], mask[:, -max_seq_len:]
+        nonlocal cache, mask, padded
+        tokens, mask = left_pad([w[-max_seq_len:] for w in windows], pad_id, device)
         padded = bool((mask == 0).any())  # fixed until the next window: new tokens are always real
         if use_cache:
             cache = model.new_cache(B, max_seq_len)
@@ -148,12 +148,14 @@ def generate_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], gen: Gen
     logits = forward_window()
     present = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
     if gen.repetition_penalty != 1.0:
-        present.scatter_(1, tokens, mask.bool())
+        for row, window in enumerate(windows):
+            present[row, window] = True
     rows = torch.arange(B, device=device)
     for _ in range(gen.max_new_tokens):
         logits = apply_repetition_penalty(logits.float(), present, gen.repetition_penalty)
         nxt = choose_next(logits, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, generator=generator)
         for row, token in enumerate(nxt.tolist()):  # one device->host copy per step
+            windows[row].append(token)
             if finished[row]:
                 continue
             if token == eos_id:
@@ -166,15 +168,15 @@ def generate_tokens(model: nn.Module, prompts: Sequence[Sequence[int]], gen: Gen
             break
         if gen.repetition_penalty != 1.0:
             present[rows, nxt] = True
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
         if not use_cache:
+            windows = [w[-max_seq_len:] for w in windows]
             logits = forward_window()
-        elif cache.length + 1 > max_seq_len:
+        elif any(len(w) > max_seq_len for w in windows):
             keep = (3 * max_seq_len) // 4
-            tokens, mask = tokens[:, -keep:], mask[:, -keep:]
+            windows = [w[-keep:] if len(w) > max_seq_len else w for w in windows]
             logits = forward_window()
         else:
+            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
             logits = model(nxt[:, None], attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
     model.train(was_training)
     return out

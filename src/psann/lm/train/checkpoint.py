@@ -57,6 +57,9 @@ log = logging.getLogger("psann.lm")
 
 FORMAT = "psann-lm-checkpoint"
 FORMAT_VERSION = 1
+# Config keys added since format v1 was first written, with the value older checkpoints (which lack
+# the key) meant, where today's default differs.
+LEGACY_DEFAULTS = {"model": {"qk_norm": False}}
 WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER = "model.safetensors", "config.json", "tokenizer", "trainer_state.json", "optimizer.pt"
 SHARDED, RNG, MANIFEST = "dcp", "rng.pt", "manifest.json"
 RUN_MARKERS = ("checkpoints", "config.yaml", "metrics.jsonl")  # what a run directory holds
@@ -404,8 +407,12 @@ def read_checkpoint_config(directory: str | os.PathLike) -> RunConfig:
         raise CheckpointError(f"{directory} uses checkpoint format v{meta.get('format_version')} "
                               f"(psann-lm {meta.get('psann_version')}); this psann-lm reads v{FORMAT_VERSION}. "
                               "Install the psann-lm version that wrote it.")
+    stored = meta.get("config")
+    for section, keys in LEGACY_DEFAULTS.items():
+        if isinstance(stored, dict) and isinstance(stored.get(section), dict):
+            stored[section] = {**keys, **stored[section]}
     try:
-        return RunConfig.from_dict(meta["config"])
+        return RunConfig.from_dict(stored)
     except (ConfigError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{directory}: its config no longer validates ({exc}); it was written by an "
                               "incompatible psann-lm version.") from exc

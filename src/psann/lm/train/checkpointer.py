@@ -16,14 +16,17 @@ from ..errors import CheckpointError, ConfigError
 from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_gather_object
+from .optim import resolved_optimizer
 from .sharded import full_optimizer_state, on_main_rank, save_fsdp_checkpoint
 
 log = logging.getLogger("psann.lm")
 
 # Data keys that decide the token stream a resumed run continues (the tokenizer is compared by
 # fingerprint; cache_dir is where the run keeps its own copy).
+# data.sampling is not here: the loader's state holds the mode it resolved to (auto's meaning has
+# changed once) and refuses another
 RESUME_DATA_KEYS = ("train_files", "val_files", "train_token_files", "val_token_files", "path", "sft_files",
-                    "max_length", "pack_sequences", "val_split", "seed", "doc_separator", "sampling", "bos_aligned")
+                    "max_length", "pack_sequences", "val_split", "seed", "doc_separator", "bos_aligned")
 
 
 def check_same_tokenizer(tokenizer, checkpoint: str) -> None:
@@ -128,6 +131,12 @@ class Checkpointer:
         where = str(ckpt.resolve_checkpoint(where))
         check_resumable(where, self.config, self.tokenizer)
         state, rng = ckpt.load_training_state(where)
+        theirs = resolved_optimizer(ckpt.read_checkpoint_config(where).train.optimizer, state.get("parallel", "none"))
+        mine = resolved_optimizer(self.config.train.optimizer, self.mode)
+        if (theirs == "muon") != (mine == "muon"):  # their states have different parameter groups
+            raise ConfigError(f"cannot resume from {where}: it holds {theirs}'s optimizer state and this run would "
+                              f"train with {mine} (train.optimizer={self.config.train.optimizer}). Resume with "
+                              f"train.optimizer={theirs}, or start a new run from its weights with train.init_from={where}.")
         ckpt.load_model_and_optimizer(where, self.model, self.optimizer, sharded_model=self.mode == "fsdp")
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

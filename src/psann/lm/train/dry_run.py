@@ -12,6 +12,7 @@ import torch
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..models import build_model, count_parameters, family
+from .optim import resolved_optimizer
 from .throughput import PEAK_TFLOPS, flops_formula, memory_plan
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -42,7 +43,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | Non
     else:
         micro = per_rank
     half = train.amp in ("auto", "bf16", "fp16")
-    mem = memory_plan(model, model_cfg, optimizer=train.optimizer, shard_factor=shard, optimizer_shards=optimizer_shards,
+    optimizer = resolved_optimizer(train.optimizer, "fsdp" if fsdp else "ddp" if world_size > 1 else "none")
+    mem = memory_plan(model, model_cfg, optimizer=optimizer, shard_factor=shard, optimizer_shards=optimizer_shards,
                       micro_batch_tokens=micro * L, grad_checkpoint=train.grad_checkpoint, half=half)
 
     name = next((k for k in PEAK_TFLOPS if k.lower() == gpu.lower()), None)
@@ -58,6 +60,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | Non
         "world_size": world_size,
         "sharding": train.fsdp if fsdp else ("ddp" if world_size > 1 else "none"),
         "micro_batch_windows": micro,
+        "optimizer": optimizer,
         "memory_gb_per_gpu": {"params": mem.params_gb, "grads": mem.grads_gb, "optimizer": mem.optimizer_gb,
                               "activations": mem.activations_gb, "total": mem.total_gb},
         "token_budget": budget,
@@ -73,7 +76,7 @@ def describe(plan: dict) -> str:
         f"parameters          {plan['parameters']:,}",
         f"FLOPs per token     {plan['flops_per_token']:.4g}  ({plan['flops_formula']})",
         f"world size          {plan['world_size']} ({plan['sharding']}), micro-batch {plan['micro_batch_windows']} windows",
-        "memory per GPU (GiB, estimate):",
+        f"memory per GPU (GiB, estimate; {plan['optimizer']}):",
         *(f"  {k:<17} {v:9.2f}" for k, v in mem.items()),
         f"token budget        {plan['token_budget']:.3g} ({plan['token_budget_source']})",
         f"time at {plan['assumed_mfu']:.0%} MFU on {plan['world_size']} x {plan['gpu']} "

@@ -47,11 +47,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             for (decay, lr_mult), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
 
 
+def resolved_optimizer(choice: str, parallel_mode: str) -> str:
+    """train.optimizer with auto resolved: Muon where it runs (docs/results/recipe.md); FSDP holds
+    the matrices in shards and Muon orthogonalises them whole."""
+    if choice == "auto":
+        return "adamw" if parallel_mode == "fsdp" else "muon"
+    return choice
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, parallel_mode: str = "none") -> torch.optim.Optimizer:
     """`cfg.optimizer` over `parameter_groups`; a choice this machine cannot run falls back to
     AdamW with a message that says why and what to install."""
     groups = parameter_groups(model, cfg.weight_decay)
-    choice = cfg.optimizer
+    choice = resolved_optimizer(cfg.optimizer, parallel_mode)
+    if cfg.optimizer == "auto" and parallel_mode == "fsdp":
+        log.info("train.optimizer=auto: AdamW, as FSDP shards the matrices Muon orthogonalises whole.")
     if choice == "adamw8bit":
         try:
             import bitsandbytes as bnb

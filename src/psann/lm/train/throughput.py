@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..models import family
 from ..models.layers import LanguageModel
+from .optim import muon_groups, parameter_groups
 
 # Dense peak TFLOP/s by device-name substring: (bf16/fp16 tensor cores, fp32 without TF32).
 # From the vendors' datasheets; the first match wins, so longer names come first.
@@ -98,10 +99,15 @@ class MemoryPlan:
 
 
 def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
-    """Bytes of optimizer state for the whole (unsharded) model."""
+    """Bytes of optimizer state for the whole (unsharded) model (`optimizer` resolved, not auto)."""
+    momentum_only = set()  # Muon keeps one fp32 momentum per matrix it orthogonalises
+    if optimizer == "muon":
+        momentum_only = {id(p) for g in muon_groups(model, parameter_groups(model, 0.0)) if g["muon"] for p in g["params"]}
     total = 0
     for p in model.parameters():
-        if optimizer == "adafactor":
+        if id(p) in momentum_only:
+            total += 4 * p.numel()
+        elif optimizer == "adafactor":
             total += 4 * (sum(p.shape[-2:]) if p.ndim >= 2 else p.numel())  # row + column moments
         elif optimizer == "adamw8bit":
             total += 2 * p.numel()  # two 8-bit moments (plus small per-block scales)
