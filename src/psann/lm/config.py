@@ -285,7 +285,7 @@ class ModelConfig(_Validated):
                 raise ConfigError(f"'model.d_model' ({width}) must be divisible by 'model.n_heads' ({self.n_heads}).")
             if (width // self.n_heads) % 2 and self.rope and self.layer_type == "transformer":
                 raise ConfigError(f"RoPE needs an even head size; d_model/n_heads = {width // self.n_heads}. Change d_model or n_heads.")
-        if self.layer_type == "hgrn_bit" and (self.qk_norm or self.mlp != "swiglu" or self.value_embeddings):  # None: n/a
+        if self.layer_type == "hgrn_bit" and (self.qk_norm or self.mlp != "swiglu" or self.value_embeddings):  # qk_norm None: its default, off here
             raise ConfigError("'model.qk_norm', 'model.mlp' and 'model.value_embeddings' shape attention blocks; "
                               "layer_type hgrn_bit has a recurrence and its own GLU. Remove them or use layer_type transformer.")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:

@@ -65,9 +65,9 @@ def load_init_weights(model: nn.Module, checkpoint: str) -> None:
     log.info("the mask token's embedding starts as the mean of the causal checkpoint's")
 
 
-def check_resumable(checkpoint: str, config: RunConfig, tokenizer) -> None:
+def check_resumable(checkpoint: str, config: RunConfig, tokenizer) -> RunConfig:
     """A resume continues exactly the run the checkpoint belongs to: the same format, tokenizer,
-    model and data, or it is refused naming the key that differs."""
+    model and data, or it is refused naming the key that differs. -> the checkpoint's config."""
     theirs = ckpt.read_checkpoint_config(checkpoint)  # also checks the format version
     check_same_tokenizer(tokenizer, checkpoint)
     mine_model, their_model = config.model.to_dict(), theirs.model.to_dict()
@@ -82,6 +82,7 @@ def check_resumable(checkpoint: str, config: RunConfig, tokenizer) -> None:
                           f"in the checkpoint{f' (and {len(differ) - 1} more key(s))' if len(differ) > 1 else ''}. "
                           f"Resume with the checkpoint's settings, or start a new run from its weights with "
                           f"train.init_from={checkpoint}.")
+    return theirs
 
 
 class Checkpointer:
@@ -129,9 +130,9 @@ class Checkpointer:
         """Load weights, optimizer, loss scaler and RNG state of checkpoint `where` (train.run's
         resolve_latest has made "latest" a path); -> its trainer state."""
         where = str(ckpt.resolve_checkpoint(where))
-        check_resumable(where, self.config, self.tokenizer)
+        their_config = check_resumable(where, self.config, self.tokenizer)
         state, rng = ckpt.load_training_state(where)
-        theirs = resolved_optimizer(ckpt.read_checkpoint_config(where).train.optimizer, state.get("parallel", "none"))
+        theirs = resolved_optimizer(their_config.train.optimizer, state.get("parallel", "none"))
         mine = resolved_optimizer(self.config.train.optimizer, self.mode)
         if (theirs == "muon") != (mine == "muon"):  # their states have different parameter groups
             raise ConfigError(f"cannot resume from {where}: it holds {theirs}'s optimizer state and this run would "

@@ -43,7 +43,8 @@ def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | Non
     else:
         micro = per_rank
     half = train.amp in ("auto", "bf16", "fp16")
-    optimizer = resolved_optimizer(train.optimizer, "fsdp" if fsdp else "ddp" if world_size > 1 else "none")
+    parallel_mode = "fsdp" if fsdp else "ddp" if world_size > 1 else "none"
+    optimizer = resolved_optimizer(train.optimizer, parallel_mode)
     mem = memory_plan(model, model_cfg, optimizer=optimizer, shard_factor=shard, optimizer_shards=optimizer_shards,
                       micro_batch_tokens=micro * L, grad_checkpoint=train.grad_checkpoint, half=half)
 
@@ -58,7 +59,7 @@ def plan_run(config: RunConfig, *, world_size: int = 1, gpus_per_node: int | Non
         "flops_per_token": per_token,
         "flops_formula": flops_formula(model),
         "world_size": world_size,
-        "sharding": train.fsdp if fsdp else ("ddp" if world_size > 1 else "none"),
+        "sharding": train.fsdp if fsdp else parallel_mode,
         "micro_batch_windows": micro,
         "optimizer": optimizer,
         "memory_gb_per_gpu": {"params": mem.params_gb, "grads": mem.grads_gb, "optimizer": mem.optimizer_gb,
