@@ -11,10 +11,14 @@ cross-entropy of the training unigram distribution, the floor of a model that ig
 With --causal-share S (default 0.5) a third model shares the same total budget: a causal run for
 S of it, then the diffusion objective started from its final weights (train.init_from, logits
 shifted as in DiffuLLaMA / Dream so the causal head's next-token predictions carry over) for the
-rest. Prints one JSON object with samples from every model.
+rest, its attention opened from causal to bidirectional over the first --anneal-share of those
+steps (DiffuLLaMA's mask annealing; 0: bidirectional at once). Both take comma-separated lists
+(one causal run per S, one diffusion run per S and anneal share). Prints one JSON object with
+samples from every model.
 
     python benchmarks/diffusion_vs_ar.py                 # 300 s per model, ~15 min on 2 cores
     python benchmarks/diffusion_vs_ar.py --budget-s 600
+    python benchmarks/diffusion_vs_ar.py --budget-s 120 --causal-share 0.5,0.75 --anneal-share 0,0.5
 """
 
 from __future__ import annotations
@@ -53,9 +57,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_small_lm_args(p)
     p.add_argument("--mc-draws", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--causal-share", type=float, default=0.5,
-                   help="also train a diffusion model from a causal checkpoint: this share of the budget causal, the rest diffusion (0: skip)")
-    return p.parse_args(argv)
+    p.add_argument("--causal-share", default="0.5",
+                   help="also train diffusion models from a causal checkpoint: this share of the budget causal, the rest "
+                        "diffusion; comma-separated for several (0: skip)")
+    p.add_argument("--anneal-share", default="0",
+                   help="of each diffusion-from-causal run, the share of its steps over which the attention opens from "
+                        "causal to bidirectional (train.attention_anneal_steps); comma-separated: one run per share, "
+                        "all from the same causal checkpoint")
+    args = p.parse_args(argv)
+    args.causal_shares = [float(x) for x in args.causal_share.split(",") if float(x) > 0]
+    args.anneal_shares = [float(x) for x in args.anneal_share.split(",")]
+    if any(not 0 < x < 1 for x in args.causal_shares) or any(not 0 <= x < 1 for x in args.anneal_shares):
+        p.error("--causal-share values lie in (0, 1) (or 0 to skip), --anneal-share values in [0, 1)")
+    return args
 
 
 def main(argv=None) -> None:
@@ -116,16 +130,20 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for objective in ("causal", "diffusion"):
             runs[objective] = fit_and_score(objective, objective, max(10, int(args.budget_s / step_s[objective])), tmp)
-        if args.causal_share:
-            # The same total budget: a causal run for causal_share of it, then the diffusion objective
-            # from its final weights (logits shifted so the causal head's predictions carry over).
-            causal_steps = max(10, int(args.causal_share * args.budget_s / step_s["causal"]))
-            pre = fit_and_score("causal_pretrain", "causal", causal_steps, tmp)
-            adapt_steps = max(10, int((1 - args.causal_share) * args.budget_s / step_s["diffusion"]))
-            row = fit_and_score("diffusion_from_causal", "diffusion", adapt_steps, tmp, model={"shift_logits": True},
-                                init_from=f"{tmp}/causal_pretrain/checkpoints/final")
-            runs["diffusion_from_causal"] = {**row, "causal_pretrain": {k: pre[k] for k in ("steps", "train_s", "val_nats_per_token")},
-                                             "train_s_total": round(pre["train_s"] + row["train_s"], 1)}
+        for share in args.causal_shares:
+            # The same total budget: a causal run for `share` of it, then the diffusion objective from
+            # its final weights (logits shifted so the causal head's predictions carry over).
+            causal_steps = max(10, int(share * args.budget_s / step_s["causal"]))
+            pre = fit_and_score(f"causal_pretrain_{share}", "causal", causal_steps, tmp)
+            adapt_steps = max(10, int((1 - share) * args.budget_s / step_s["diffusion"]))
+            for anneal in args.anneal_shares:
+                name = f"diffusion_from_causal_{share}" + (f"_anneal_{anneal}" if anneal else "")
+                row = fit_and_score(name, "diffusion", adapt_steps, tmp, model={"shift_logits": True},
+                                    init_from=f"{tmp}/causal_pretrain_{share}/checkpoints/final",
+                                    attention_anneal_steps=round(anneal * adapt_steps))
+                runs[name] = {**row, "causal_share": share, "anneal_share": anneal,
+                              "causal_pretrain": {k: pre[k] for k in ("steps", "train_s", "val_nats_per_token")},
+                              "train_s_total": round(pre["train_s"] + row["train_s"], 1)}
     ar, diff = runs["causal"], runs["diffusion"]
     print(json.dumps({
         "question": __doc__.split("\n")[0],
@@ -140,8 +158,8 @@ def main(argv=None) -> None:
         "unigram_val_nats_per_token": round(unigram, 4),
         "ppl_ratio_diffusion_bound_vs_ar": round(math.exp(diff["val_nats_per_token"] - ar["val_nats_per_token"]), 3),
         "bpb_ratio": round(diff["val_bpb"] / ar["val_bpb"], 4),
-        **({"ppl_ratio_diffusion_from_causal_bound_vs_ar": round(math.exp(
-            runs["diffusion_from_causal"]["val_nats_per_token"] - ar["val_nats_per_token"]), 3)} if args.causal_share else {}),
+        "ppl_ratio_diffusion_from_causal_bound_vs_ar": {name: round(math.exp(r["val_nats_per_token"] - ar["val_nats_per_token"]), 3)
+                                                        for name, r in runs.items() if "causal_share" in r},
         "total_s": round(time.perf_counter() - started, 1),
     }, indent=2))
 

@@ -10,6 +10,9 @@ Tasks (`--task`):
                context 256, 16 windows (4,096 tokens) per step, lr 1e-3 -> 1e-4, warmup 100,
                fp32, `--seconds` of training each (default 600).
 
+`--seq` sets another context length (the windows per step scaled to keep the tokens per step; the
+validation windows get the same length, so compare losses within one context).
+
 A contender is `default` (the current defaults), `nanogpt` (benchmarks/nanogpt_baseline.py: GPT-2
 as nanoGPT's model.py describes it, trained by its AdamW recipe with the same lr, schedule and
 batches) or a `+`-joined list of changes (see CHANGES), e.g. `qknorm+relu2+wsd`, on --base or on
@@ -81,6 +84,9 @@ CHANGES: dict[str, tuple[dict, dict]] = {
     "lr5x": ({}, {"lr": 5e-3, "min_lr": 5e-4}),
     "minlr0": ({}, {"min_lr": 0.0}),
     "nowd": ({}, {"weight_decay": 0.0}),
+    "wd05": ({}, {"weight_decay": 0.5}),
+    "drop1": ({"dropout": 0.1}, {}),
+    "drop2": ({"dropout": 0.2}, {}),
     "beta99": ({}, {"betas": (0.9, 0.99)}),
 }
 
@@ -125,6 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", choices=("tokens", "seconds"), default=None, help="default: tokens (shakespeare), seconds (tinystories)")
     p.add_argument("--seconds", type=float, default=None, help="the equal wall-clock budget (tinystories default 600)")
     p.add_argument("--base", default="transformer", help="model family (the recipe applied to another base)")
+    p.add_argument("--seq", type=int, default=None, help="context length instead of the task's, at the same tokens per step")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     args.budget = args.budget or ("seconds" if args.task == "tinystories" else "tokens")
@@ -138,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 FAMILY_MODEL = {"hnet": {"d_model": [128, 128], "num_blocks": [[1, 0, 1], [2]]}}
 
 
-def prepare(task: str, bases: set[str]) -> psannLMDataPrep:
+def prepare(task: str, bases: set[str], seq: int) -> psannLMDataPrep:
     if task == "shakespeare":
         if not SHAKESPEARE.exists():
             sys.exit(f"missing {SHAKESPEARE}: this task reads ../shared/data/tinyshakespeare")
@@ -149,11 +156,11 @@ def prepare(task: str, bases: set[str]) -> psannLMDataPrep:
         if len(byte_level) > 1:
             sys.exit("the byte families (byte, hnet) read bytes, the others characters: compare them in separate runs")
         tokenizer = "byte" if byte_level.pop() else "char"
-        return psannLMDataPrep([text[:cut]], tokenizer=tokenizer, max_length=64, val_texts=[text[cut:]])
+        return psannLMDataPrep([text[:cut]], tokenizer=tokenizer, max_length=seq, val_texts=[text[cut:]])
     train, valid = TINYSTORIES / "tinystories_v1_train_head2MiB.txt", TINYSTORIES / "tinystories_v1_valid_head.txt"
     if not train.exists():
         sys.exit(f"missing {train}: this task reads ../shared/data/tinystories")
-    return psannLMDataPrep([str(train)], tokenizer="tokenizers", vocab_size=TASKS[task]["vocab"], max_length=256,
+    return psannLMDataPrep([str(train)], tokenizer="tokenizers", vocab_size=TASKS[task]["vocab"], max_length=seq,
                            doc_separator="<|endoftext|>", val_texts=[str(valid)])
 
 
@@ -192,14 +199,17 @@ def step_seconds(dp, task: dict, base: str, name: str, run_dir: str, steps: int 
 
 def train_one(dp, task: dict, base: str, name: str, seed: int, steps: int, run_dir: str) -> dict:
     if name == "nanogpt":
-        model, tokens, train_s, _ = fit_nanogpt(dp, task, seed, steps)
+        model, tokens, train_s, step_times = fit_nanogpt(dp, task, seed, steps)
+        elapsed = [sum(step_times[:i]) for i in range(100, steps + 1, 100)]
     else:
         model, tokens, elapsed = fit_psann(dp, task, base, name, seed, steps, run_dir)
         train_s = elapsed[-1]
     counts = evaluate_counts(model, dp.val_windows, 32, torch.device("cpu"))  # one scorer for every contender
     row = {"val_loss": counts["loss_sum"] / counts["tokens"], "val_tokens": counts["tokens"], "steps": steps,
            "tokens": tokens, "train_s": train_s, "tok_per_s": tokens / train_s,
-           "parameters": sum(p.numel() for p in model.parameters())}
+           "parameters": sum(p.numel() for p in model.parameters()),
+           # seconds per step in each 100 steps: where a run's speed drifts from its calibration
+           "s_per_step_by_100": [round((b - a) / 100, 4) for a, b in zip([0.0, *elapsed], elapsed[:steps // 100])]}
     print(json.dumps({"contender": name, "seed": seed, **row}), file=sys.stderr, flush=True)
     return row
 
@@ -214,9 +224,11 @@ def main(argv=None) -> None:
         contender_options(name)  # unknown changes fail before any training
     seeds = [int(s) for s in args.seeds.split(",")]
     task = TASKS[args.task]
+    if args.seq:
+        task = {**task, "seq": args.seq, "batch_windows": max(1, task["batch_windows"] * task["seq"] // args.seq)}
     results: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        dp = prepare(args.task, {split_base(n, args.base)[0] for n in names if n != "nanogpt"})
+        dp = prepare(args.task, {split_base(n, args.base)[0] for n in names if n != "nanogpt"}, task["seq"])
         steps = {n: args.steps for n in names}
         if args.budget == "seconds":
             per_step = {n: step_seconds(dp, task, args.base, n, f"{tmp}/calibrate-{n}") for n in set(names) | {"default"}}
@@ -242,6 +254,7 @@ def main(argv=None) -> None:
                    "unit": "nats/char" if args.task == "shakespeare" else "nats/token (4K BPE)",
                    "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "base": args.base,
                    "budget": args.budget, "seconds": args.seconds, "steps": args.steps, "seeds": seeds,
+                   "seq": task["seq"], "batch_windows": task["batch_windows"],
                    "contenders": summary}))
 
 

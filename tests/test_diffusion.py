@@ -377,3 +377,44 @@ def test_a_causal_checkpoint_starts_a_diffusion_model_with_shifted_logits(dp, tm
     assert first[True] < 0.9 * scratch.last_run["val_loss"] and first[True] < first[False]
     with pytest.raises(ConfigError, match="shift_logits.*only applies to objective 'diffusion'"):
         ModelConfig(shift_logits=True)
+
+
+def test_attention_anneal_opens_the_causal_pattern_and_resumes_exactly(dp, tmp_path):
+    from safetensors.torch import load_file
+
+    from psann.lm.objectives.diffusion import annealed_visibility
+
+    torch.manual_seed(0)
+    assert torch.equal(annealed_visibility(16, 0.0), torch.ones(16, 16, dtype=torch.bool).tril())
+    assert bool(annealed_visibility(16, 1.0).all())
+    half = annealed_visibility(64, 0.5)
+    assert 0.4 < float(half.triu(1).sum()) / (64 * 63 / 2) < 0.6
+    # A denoiser shown the causal pattern is the same network as the causal model with its weights.
+    denoiser = tiny_denoiser(length=12)
+    causal = build_model(ModelConfig(**{**denoiser.config.__dict__, "objective": "causal", "causal": True, "mask_token_id": None}))
+    causal.load_state_dict(denoiser.state_dict())
+    x = torch.randint(0, 9, (3, 12))
+    tril = annealed_visibility(12, 0.0)
+    assert torch.allclose(denoiser(x, visible=tril), causal.eval()(x), atol=1e-5)
+    assert not torch.allclose(denoiser(x, visible=tril), denoiser(x), atol=1e-3)
+    # Padding stays hidden under the pattern: left-padded rows match the unpadded ones.
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    padded = denoiser(x[:1], attention_mask=pad, visible=tril)[:, 2:]
+    assert torch.allclose(padded, denoiser(x[:1, 2:], visible=annealed_visibility(10, 0.0)), atol=1e-5)
+
+    opts = dict(FAST, max_steps=6, batch_tokens=128, eval_interval_steps=0, attention_anneal_steps=4)
+    psannLM(d_model=32, n_layers=1, n_heads=4, objective="diffusion").fit(
+        dp, checkpoint_dir=str(tmp_path / "a"), save_interval_steps=3, **opts)
+    psannLM(d_model=32, n_layers=1, n_heads=4, objective="diffusion").fit(
+        dp, checkpoint_dir=str(tmp_path / "b"), resume_from=str(tmp_path / "a/checkpoints/step_0000003"), **opts)
+    a, b = load_file(tmp_path / "a/checkpoints/final/model.safetensors"), load_file(tmp_path / "b/checkpoints/final/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    plain = dict(opts, attention_anneal_steps=0)
+    psannLM(d_model=32, n_layers=1, n_heads=4, objective="diffusion").fit(dp, checkpoint_dir=str(tmp_path / "c"), **plain)
+    c = load_file(tmp_path / "c/checkpoints/final/model.safetensors")
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # the anneal changed the updates
+    with pytest.raises(ConfigError, match="attention_anneal_steps.*never trains with the bidirectional"):
+        psannLM(d_model=32, n_layers=1, n_heads=4, objective="diffusion").fit(
+            dp, checkpoint_dir=str(tmp_path / "e"), **dict(opts, attention_anneal_steps=6))
+    with pytest.raises(ConfigError, match="attention_anneal_steps.*this model is causal"):
+        psannLM(d_model=32, n_layers=1, n_heads=4).fit(dp, checkpoint_dir=str(tmp_path / "d"), **opts)

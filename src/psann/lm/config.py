@@ -409,6 +409,7 @@ class TrainConfig(_Validated):
     checkpoint_dir: str | None = _opt(None, "Run directory for checkpoints, metrics and plots (default: runs/<timestamp>).")
     resume_from: str | None = _opt(None, "Checkpoint directory to resume from (exact continuation), or 'latest' in checkpoint_dir.")
     init_from: str | None = _opt(None, "Checkpoint directory whose weights start a new run (fresh optimizer and schedule); a causal checkpoint may start a diffusion model (model.objective=diffusion, best with model.shift_logits), its mask token's embedding the mean of the others.")
+    attention_anneal_steps: int = _opt(0, "diffusion only: open the attention from causal to bidirectional over the first N steps (each query sees a random share step/N of the later positions; DiffuLLaMA's mask annealing), for a denoiser started from a causal checkpoint (train.init_from); 0: bidirectional from the start.", min=0)
     log_interval_steps: int = _opt(10, "Steps between metric log lines.", min=1)
     log_norms: bool = _opt(False, "Also log, at each log step, the weights' global L2 norm (weight_l2_norm) and the RMS of each block's output in that step's last training forward (act_rms.<block>), averaged over ranks.")
     eval_interval_steps: int = _opt(200, "Steps between validation runs (0: only at the end).", min=0)

@@ -140,19 +140,29 @@ def mask_positions(attention_mask: torch.Tensor, past: int, length: int) -> torc
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *, rope: RotaryEmbedding | None, causal: bool,
                cache: KVCache | None, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, token_ids: torch.Tensor | None = None,
+               visible: torch.Tensor | None = None) -> torch.Tensor:
     """Run a stack of blocks over x (B, T, D): one BlockInputs for all of them, then advance the cache.
 
     attention_mask (B, past + T) marks real tokens (1) and padding or skipped slots (0), cached
-    positions included; position ids then count real tokens only.
+    positions included; position ids then count real tokens only. visible (T, T), True where a
+    query may attend to a key, replaces the causal or full pattern (no cache).
     """
     T = x.shape[1]
     past = cache.length if cache is not None else 0
     if position_ids is None and attention_mask is not None:
         position_ids = mask_positions(attention_mask, past, T)
+    attn_mask = build_attention_mask(attention_mask, T, past, causal, x.device)
+    if visible is not None:
+        if cache is not None or visible.shape != (T, T):
+            raise ValueError(f"visible must be ({T}, {T}) for {T} positions without a cache, got {tuple(visible.shape)}")
+        pattern = visible.to(x.device)[None, None]
+        if attention_mask is not None:  # padding stays hidden; each query keeps its own position
+            pattern = (pattern & attention_mask[:, None, None, :T].bool()) | torch.eye(T, dtype=torch.bool, device=x.device)
+        attn_mask = pattern
     inputs = BlockInputs(
         rope=rope(position_ids, past, T, x.dtype) if rope is not None else None,
-        attn_mask=build_attention_mask(attention_mask, T, past, causal, x.device),
+        attn_mask=attn_mask,
         is_causal=causal and past == 0 and T > 1, cache=cache,
         token_mask=attention_mask[:, past:past + T] if attention_mask is not None else None, token_ids=token_ids)
     for block in blocks:

@@ -53,12 +53,14 @@ class TransformerLM(LanguageModel):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, visible: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with last_only.
 
         attention_mask: (B, past + T), 1 for real tokens and 0 for (left) padding, covering the
         cached positions too. position_ids default to running positions, or to the count of real
         tokens before each position when a mask is given (so left padding does not shift them).
+        visible: (T, T) boolean, the keys each query may see in place of the model's own pattern
+        (train.attention_anneal_steps uses it while a diffusion model's attention opens up).
         """
         T = input_ids.shape[1]
         past = cache.length if cache is not None else 0
@@ -73,7 +75,8 @@ class TransformerLM(LanguageModel):
                                  "of a model with learned positions; shorten the input.")
             x = x + self.pos_embed(position_ids)
         x = run_blocks(self.blocks, self.drop(x), rope=self.rope, causal=self.config.causal, cache=cache,
-                       attention_mask=attention_mask, position_ids=position_ids, token_ids=input_ids)
+                       attention_mask=attention_mask, position_ids=position_ids, token_ids=input_ids,
+                       visible=visible)
         if last_only:
             x = x[:, -1:]
         logits = soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)

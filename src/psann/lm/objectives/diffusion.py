@@ -138,6 +138,13 @@ def diffusion_batch(x: torch.Tensor, *, mask_id: int, eps: float, t_sampling: st
     return DiffusionBatch(inputs, targets, (1.0 / p_mask).to(x.device), n_tokens)
 
 
+def annealed_visibility(length: int, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(length, length) boolean: every query sees itself and the keys before it, and each later key
+    with probability `share` (train.attention_anneal_steps raises it from 0 to 1)."""
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return causal | (torch.rand(length, length, generator=generator) < share)
+
+
 def diffusion_loss_sum(logits: torch.Tensor, batch: DiffusionBatch) -> torch.Tensor:
     """Sum over masked positions of CE / p_mask (divide by `batch.n_tokens` for the per-token
     negative ELBO estimate; the trainer divides by the step's tokens over all micro-batches)."""

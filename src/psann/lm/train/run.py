@@ -97,6 +97,9 @@ def train(config: RunConfig, *, data: PreparedData | None = None, model: nn.Modu
 
 def check_start(config: RunConfig) -> None:
     train = config.train
+    if train.attention_anneal_steps and config.model.objective != "diffusion":
+        raise ConfigError("'train.attention_anneal_steps' opens a diffusion model's attention from causal to "
+                          "bidirectional; this model is causal. Remove it or set model.objective=diffusion.")
     if train.init_from and train.resume_from:
         raise ConfigError(INIT_AND_RESUME)
     if train.resume_from == "latest" and not train.checkpoint_dir:
