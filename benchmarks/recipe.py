@@ -49,8 +49,10 @@ import nanogpt_baseline
 from _common import TINYSTORIES, cpu_name, to_json
 
 from psann.lm import psannLM, psannLMDataPrep
+from psann.lm.config import ModelConfig, TrainConfig
 from psann.lm.data.prepare import PreparedData
 from psann.lm.objectives.causal import evaluate_counts
+from psann.lm.train.run import with_run_dropout
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TASKS = {
@@ -62,7 +64,7 @@ BASE_TRAIN = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100}
 # name -> (model options, train options); a contender applies several in the order given.
 CHANGES: dict[str, tuple[dict, dict]] = {
     "previous": ({"qk_norm": False, "mlp": "swiglu", "tie_embeddings": True, "logit_softcap": None,
-                  "zero_init_residual": False, "value_embeddings": False},
+                  "zero_init_residual": False, "value_embeddings": False, "dropout": 0.0},
                  {"optimizer": "adamw", "lr_schedule": "cosine", "betas": (0.9, 0.95)}),  # the defaults before the recipe work
     "qknorm": ({"qk_norm": True}, {}),
     "relu2": ({"mlp": "relu2"}, {}),
@@ -85,7 +87,9 @@ CHANGES: dict[str, tuple[dict, dict]] = {
     "minlr0": ({}, {"min_lr": 0.0}),
     "nowd": ({}, {"weight_decay": 0.0}),
     "wd05": ({}, {"weight_decay": 0.5}),
-    "drop1": ({"dropout": 0.1}, {}),
+    "drop0": ({"dropout": 0.0}, {}),                  # the default without its repeated-text dropout
+    "drop1": ({"dropout": 0.1}, {}),                  # on the residual branches and the attention weights
+    "rdrop1": ({"dropout": 0.1, "attention_dropout": 0.0}, {}),  # on the residual branches only
     "drop2": ({"dropout": 0.2}, {}),
     "beta99": ({}, {"betas": (0.9, 0.99)}),
 }
@@ -164,11 +168,22 @@ def prepare(task: str, bases: set[str], seq: int) -> psannLMDataPrep:
                            doc_separator="<|endoftext|>", val_texts=[str(valid)])
 
 
-def fit_psann(dp, task: dict, base: str, name: str, seed: int, steps: int, run_dir: str, log_every: int = 100) -> tuple:
+def run_dropout(dp, task: dict, name: str, steps: int) -> dict:
+    """The dropout keys a run of `name` for `steps` steps trains with (the trainer's rule where unset)."""
+    model_options, _ = contender_options(name)
+    config = ModelConfig(**{k: model_options[k] for k in ("dropout", "attention_dropout") if k in model_options})
+    train = TrainConfig(max_steps=steps, batch_tokens=task["batch_windows"] * task["seq"])
+    config = with_run_dropout(config, train, len(dp.train_windows), task["seq"])
+    return {"dropout": config.dropout, "attention_dropout": config.attention_dropout}
+
+
+def fit_psann(dp, task: dict, base: str, name: str, seed: int, steps: int, run_dir: str, log_every: int = 100,
+              dropout: dict | None = None) -> tuple:
     model_options, train_options = contender_options(name)
     base, _ = split_base(name, base)
     torch.manual_seed(seed)
     model = {**task["model"], **FAMILY_MODEL.get(base, {}), **model_options}
+    model.update(dropout or {})
     if base == "hnet":
         del model["n_layers"]  # its depth is num_blocks
     lm = psannLM(base=base, **model)
@@ -188,12 +203,13 @@ def fit_nanogpt(dp, task: dict, seed: int, steps: int) -> tuple:
     return model, out["tokens"], out["train_s"], out["step_times"]
 
 
-def step_seconds(dp, task: dict, base: str, name: str, run_dir: str, steps: int = 40) -> float:
-    """Mean seconds per training step of `name` in a short run (first 5 steps dropped): a budget
-    is a sum, so occasional slow steps count (a median under-estimated Muon's runs by 5-37%)."""
+def step_seconds(dp, task: dict, base: str, name: str, run_dir: str, dropout: dict | None = None, steps: int = 40) -> float:
+    """Mean seconds per training step of `name` in a short run (first 5 steps dropped) with the
+    dropout its real run will have: a budget is a sum, so occasional slow steps count (a median
+    under-estimated Muon's runs by 5-37%)."""
     if name == "nanogpt":
         return statistics.fmean(fit_nanogpt(dp, task, 0, steps)[3][5:])
-    elapsed = fit_psann(dp, task, base, name, 0, steps, run_dir, log_every=1)[2]
+    elapsed = fit_psann(dp, task, base, name, 0, steps, run_dir, log_every=1, dropout=dropout)[2]
     return (elapsed[-1] - elapsed[5]) / (len(elapsed) - 6)
 
 
@@ -206,6 +222,7 @@ def train_one(dp, task: dict, base: str, name: str, seed: int, steps: int, run_d
         train_s = elapsed[-1]
     counts = evaluate_counts(model, dp.val_windows, 32, torch.device("cpu"))  # one scorer for every contender
     row = {"val_loss": counts["loss_sum"] / counts["tokens"], "val_tokens": counts["tokens"], "steps": steps,
+           "dropout": {"dropout": 0.0} if name == "nanogpt" else run_dropout(dp, task, name, steps),
            "tokens": tokens, "train_s": train_s, "tok_per_s": tokens / train_s,
            "parameters": sum(p.numel() for p in model.parameters()),
            # seconds per step in each 100 steps: where a run's speed drifts from its calibration
@@ -231,10 +248,19 @@ def main(argv=None) -> None:
         dp = prepare(args.task, {split_base(n, args.base)[0] for n in names if n != "nanogpt"}, task["seq"])
         steps = {n: args.steps for n in names}
         if args.budget == "seconds":
-            per_step = {n: step_seconds(dp, task, args.base, n, f"{tmp}/calibrate-{n}") for n in set(names) | {"default"}}
+            calibrate = sorted(set(names) | {"default"})
+            guess = {n: args.steps for n in calibrate}  # dropout depends on the steps a run gets: calibrate, then again if it changed
+            dropout = {n: None if n == "nanogpt" else run_dropout(dp, task, n, guess[n]) for n in calibrate}
+            per_step = {n: step_seconds(dp, task, args.base, n, f"{tmp}/calibrate-{n}", dropout[n]) for n in calibrate}
+            seconds = args.seconds or args.steps * per_step["default"]
+            steps = {n: max(1, round(seconds / per_step[n])) for n in calibrate}
+            for n in calibrate:
+                if n != "nanogpt" and run_dropout(dp, task, n, steps[n]) != dropout[n]:
+                    dropout[n] = run_dropout(dp, task, n, steps[n])
+                    per_step[n] = step_seconds(dp, task, args.base, n, f"{tmp}/calibrate-{n}-again", dropout[n])
             seconds = args.seconds or args.steps * per_step["default"]
             steps = {n: max(1, round(seconds / per_step[n])) for n in names}
-            print(json.dumps({"calibrated_s_per_step": per_step, "steps": steps}), file=sys.stderr, flush=True)
+            print(json.dumps({"calibrated_s_per_step": per_step, "steps": steps, "dropout": dropout}), file=sys.stderr, flush=True)
         for seed in seeds:
             for name in names:
                 results[name].append(train_one(dp, task, args.base, name, seed, steps[name], f"{tmp}/{name}-{seed}"))

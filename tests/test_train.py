@@ -12,9 +12,11 @@ from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import ModelConfig, RunConfig, TrainConfig
 from psann.lm.errors import CheckpointError, ConfigError
 from psann.lm.models import build_model
+from psann.lm.models.layers import Attention
 from psann.lm.train import checkpoint as ckpt
 from psann.lm.train.optim import lr_at
 from psann.lm.train.plan import plan_batches
+from psann.lm.train.run import with_run_dropout
 from psann.lm.train.trainer import Trainer
 
 TEXT = [f"the {a} {b} sat on the {c} mat number {i}." for i, (a, b, c) in
@@ -96,6 +98,30 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(dp, tmp_path, 
 
 def tiny_model_config(dp):
     return ModelConfig(**TINY, vocab_size=dp.vocab_size, max_seq_len=16)
+
+
+def test_dropout_defaults_on_for_a_run_that_repeats_its_text(dp, tmp_path):
+    n = len(dp.train_windows)
+
+    def resolved(dropout=None, **train):
+        return with_run_dropout(ModelConfig(**TINY, dropout=dropout), TrainConfig(**train), n, 16).dropout
+
+    five_passes = math.ceil(5 * n / 8)  # batch_tokens=128 is 8 windows of 16 per step
+    assert resolved(batch_tokens=128, max_steps=five_passes) == 0.1
+    assert resolved(batch_tokens=128, max_steps=five_passes - 1) == 0.0
+    assert resolved(epochs=5) == 0.1 and resolved(epochs=4.9) == 0.0
+    assert resolved(max_tokens=5 * n * 16) == 0.1 and resolved(max_tokens=4 * n * 16) == 0.0
+    assert resolved(dropout=0.0, epochs=10) == 0.0 and resolved(dropout=0.3, epochs=1) == 0.3  # a set value wins
+
+    lm = psannLM(**TINY)
+    lm.fit(dp, checkpoint_dir=str(tmp_path / "run"), epochs=5, batch_tokens=128, **FAST)
+    saved = json.loads((tmp_path / "run/checkpoints/final/config.json").read_text())["config"]
+    assert saved["model"]["dropout"] == 0.1  # the value it trained with, not "unset"
+    assert {m.p for m in lm.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    assert saved["model"]["attention_dropout"] == 0.0  # the rule spares the fused attention kernel
+    assert {m.dropout for m in lm.model.modules() if isinstance(m, Attention)} == {0.0}
+    assert {m.dropout for m in build_model(dataclasses.replace(tiny_model_config(dp), dropout=0.2)).modules()
+            if isinstance(m, Attention)} == {0.2}  # a dropout set by hand covers the attention weights, as before
 
 
 def test_training_learns_and_writes_its_run_directory(dp, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn as nn
 
 from ..config import ModelConfig
@@ -53,6 +55,8 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.vocab_size is None or config.max_seq_len is None:
         raise ConfigError("model.vocab_size and model.max_seq_len must be resolved before building a model "
                           "(psannLM and the trainer fill them from the tokenizer and data.max_length).")
+    if config.dropout is None:  # the trainer decides it from the run's plan; a model built outside a run has none
+        config = dataclasses.replace(config, dropout=0.0)
     return cls(config)
 
 

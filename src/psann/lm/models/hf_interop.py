@@ -81,9 +81,11 @@ def llama_config_from(cfg: ModelConfig, **overrides: Any):
     """
     transformers = _transformers()
     _check_convertible_config(cfg)
-    if cfg.dropout > 0:
-        logger.info("model.dropout=%s maps to HF attention_dropout only; HF Llama has no dropout on the "
-                    "residual branches (inference is unaffected).", cfg.dropout)
+    dropout = cfg.dropout or 0.0  # none (decided by the trainer) builds as 0
+    attention_dropout = dropout if cfg.attention_dropout is None else cfg.attention_dropout
+    if dropout > 0:
+        logger.info("model.dropout=%s: HF Llama has no dropout on the residual branches, only attention_dropout "
+                    "(%s here; inference is unaffected).", dropout, attention_dropout)
     values: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -99,7 +101,7 @@ def llama_config_from(cfg: ModelConfig, **overrides: Any):
         tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         attention_bias=False,
-        attention_dropout=cfg.dropout,
+        attention_dropout=attention_dropout,
         mlp_bias=False,
         bos_token_id=None,
         eos_token_id=None,

@@ -179,7 +179,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.uses_qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.uses_qk_norm else None
         self.value_embed = (nn.Embedding(config.vocab_size, self.n_kv_heads * self.head_dim)

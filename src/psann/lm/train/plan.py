@@ -41,6 +41,16 @@ class BatchPlan:
                 f"{self.n_windows:,} windows), warmup {self.warmup_steps}")
 
 
+def planned_epochs(cfg: TrainConfig, max_length: int, n_windows: int) -> float:
+    """Passes over the training windows the run will make, as plan_batches counts its steps (before
+    rounding the batch to micro-batches and ranks)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps * min(max(1, cfg.batch_tokens // max_length), n_windows) / n_windows
+    if cfg.max_tokens is not None:
+        return cfg.max_tokens / (max_length * n_windows)
+    return cfg.epochs
+
+
 def plan_batches(cfg: TrainConfig, max_length: int, n_windows: int, device: torch.device, world_size: int = 1) -> BatchPlan:
     """Split batch_tokens into ranks x accumulation steps x micro-batches of windows."""
     windows = cfg.batch_tokens // max_length

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import DataConfig, ModelConfig, RunConfig
+from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ..data.build import BuildConfig, build_dataset
 from ..data.filters import FilterConfig
 from ..data.tokens import INDEX_FILE
@@ -29,9 +29,12 @@ from ..models import build_model, check_model_config, count_parameters
 from ..objectives import objective_for
 from . import checkpoint as ckpt
 from .distributed import DistInfo, barrier, broadcast_object, init_distributed, teardown
+from .plan import planned_epochs
 from .trainer import Trainer, resolve_device
 
 log = logging.getLogger("psann.lm")
+REPEATED_TEXT_DROPOUT = 0.1
+REPEATED_TEXT_EPOCHS = 5.0
 INIT_AND_RESUME = ("train.init_from and train.resume_from are both set: resume_from continues a run (its weights, "
                    "optimizer, data position and tokenizer), init_from starts a new one from weights. Drop one of "
                    "them (e.g. --train.init_from=null to resume).")
@@ -76,10 +79,13 @@ def train(config: RunConfig, *, data: PreparedData | None = None, model: nn.Modu
             data = data or prepare_data(config.data, eos_padded_answers=objective.eos_padded_answers)
             if model is None:
                 model_config = model_config_for(config.model, data.tokenizer, data.max_length)
+                model_config = with_run_dropout(model_config, config.train, len(data.train_windows), data.max_length)
                 torch.manual_seed(config.train.seed)
                 model = build_model(model_config)
                 log.info("model: %s, %s parameters", model_config.base, f"{count_parameters(model):,}")
                 config = dataclasses.replace(config, model=model_config)
+            elif config.model.dropout is None:  # a model built outside a run (build_model) has none
+                config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
             config = dataclasses.replace(config, data=data.config)
             trainer = Trainer(model, data.tokenizer, config, data.train_windows, data.val_windows,
                               make_loader=data.make_loader, dist=info)
@@ -134,6 +140,27 @@ def model_config_for(config: ModelConfig, tokenizer, max_length: int) -> ModelCo
     return objective_for(config).prepare(config, tokenizer)
 
 
+def with_run_dropout(config: ModelConfig, train: TrainConfig, n_windows: int, max_length: int) -> ModelConfig:
+    """model.dropout unset: REPEATED_TEXT_DROPOUT on the residual branches (none on the attention
+    weights, which would cost the fused attention kernel) when the run reads its training text at
+    least REPEATED_TEXT_EPOCHS times, else none. The default recipe learns fast enough to memorise
+    a small corpus it repeats; dropout helps there but costs where the text is read once or twice
+    (docs/results/recipe.md, section 2). A resume keeps the dropout its run started with."""
+    if config.dropout is not None:
+        return config
+    if train.resume_from:
+        start = ckpt.read_checkpoint_config(str(ckpt.resolve_checkpoint(train.resume_from))).model
+        attention = start.attention_dropout if config.attention_dropout is None else config.attention_dropout
+        return dataclasses.replace(config, dropout=start.dropout or 0.0, attention_dropout=attention)
+    epochs = planned_epochs(train, max_length, n_windows) if n_windows else 0.0  # no windows: the trainer says so
+    if epochs < REPEATED_TEXT_EPOCHS:
+        return dataclasses.replace(config, dropout=0.0)
+    log.info("model.dropout=%s: this run reads its training text %.1f times (>= %s); set model.dropout to choose.",
+             REPEATED_TEXT_DROPOUT, epochs, REPEATED_TEXT_EPOCHS)
+    attention = 0.0 if config.attention_dropout is None else config.attention_dropout
+    return dataclasses.replace(config, dropout=REPEATED_TEXT_DROPOUT, attention_dropout=attention)
+
+
 def apply_start_checkpoint(config: RunConfig, info: DistInfo | None = None) -> RunConfig:
     """Start from a checkpoint: fine-tuning (train.init_from) or resuming (train.resume_from).
     The model is the checkpoint's with the model keys the config names on top, the tokenizer is the
@@ -150,6 +177,8 @@ def apply_start_checkpoint(config: RunConfig, info: DistInfo | None = None) -> R
     source = str(ckpt.resolve_checkpoint(source))
     start = ckpt.read_checkpoint_config(source)
     model = _overlay(ModelConfig, start.model, config.model, config.given)
+    if train.init_from and not {"model.dropout", "model.attention_dropout"} & config.given:
+        model = dataclasses.replace(model, dropout=None, attention_dropout=None)  # decided for this run's plan
     data = config.data
     if train.resume_from:
         tokenizer_keys = ("cache_dir", "tokenizer", "tokenizer_model_path", "tokenizer_vocab_size")
