@@ -4,7 +4,8 @@ and `train.py`); not its code, and nothing is fetched. Labelled "nanogpt" in the
 Model (GPT-2): token + learned position embeddings, pre-LayerNorm blocks (with biases) of causal
 self-attention (one fused qkv linear, scaled-dot-product attention) and a 4x GELU MLP, a final
 LayerNorm and a head tied to the token embedding; init N(0, 0.02), the residual output projections
-(c_proj) N(0, 0.02 / sqrt(2 n_layer)). Training: AdamW, weight decay on the >= 2-D tensors only,
+(c_proj) N(0, 0.02 / sqrt(2 n_layer)); dropout (default 0, as nanoGPT's) on the embeddings, the
+attention weights and the outputs of c_proj. Training: AdamW, weight decay on the >= 2-D tensors only,
 linear warmup then cosine decay to min_lr, gradient clipping at 1.0, batches of windows at
 uniformly random offsets of the token stream (its get_batch), here the stream psann reads.
 """
@@ -23,35 +24,37 @@ import torch.nn.functional as F
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, n_head: int):
+    def __init__(self, d: int, n_head: int, dropout: float):
         super().__init__()
-        self.n_head = n_head
+        self.n_head, self.dropout = n_head, dropout
         self.c_attn = nn.Linear(d, 3 * d)
         self.c_proj = nn.Linear(d, d)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class MLP(nn.Module):
-    def __init__(self, d: int):
+    def __init__(self, d: int, dropout: float):
         super().__init__()
         self.c_fc = nn.Linear(d, 4 * d)
         self.c_proj = nn.Linear(4 * d, d)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, n_head: int):
+    def __init__(self, d: int, n_head: int, dropout: float):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d, n_head)
-        self.ln_2, self.mlp = nn.LayerNorm(d), MLP(d)
+        self.ln_1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d, n_head, dropout)
+        self.ln_2, self.mlp = nn.LayerNorm(d), MLP(d, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -59,10 +62,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, dropout: float = 0.0):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -76,7 +80,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -89,8 +93,8 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def build(vocab_size: int, seq: int, n_layer: int, n_head: int, d: int) -> GPT:
-    return GPT(vocab_size, seq, n_layer, n_head, d)
+def build(vocab_size: int, seq: int, n_layer: int, n_head: int, d: int, dropout: float = 0.0) -> GPT:
+    return GPT(vocab_size, seq, n_layer, n_head, d, dropout)
 
 
 def train(model: GPT, windows, *, steps: int, batch_windows: int, lr: float, min_lr: float, warmup: int, seed: int,

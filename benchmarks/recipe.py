@@ -15,7 +15,7 @@ validation windows get the same length, so compare losses within one context).
 
 A contender is `default` (the current defaults), `nanogpt` (benchmarks/nanogpt_baseline.py: GPT-2
 as nanoGPT's model.py describes it, trained by its AdamW recipe with the same lr, schedule and
-batches) or a `+`-joined list of changes (see CHANGES), e.g. `qknorm+relu2+wsd`, on --base or on
+batches; `nanogpt+drop1` with its dropout at 0.1) or a `+`-joined list of changes (see CHANGES), e.g. `qknorm+relu2+wsd`, on --base or on
 the base before a colon (`hnet:comp3`; the byte families read the text as bytes). Every contender
 runs with each seed, in turn within a seed so the machine's drift hits all alike. Budgets:
   --budget tokens   every contender trains `--steps` steps (equal tokens);
@@ -115,6 +115,12 @@ def contender_options(name: str) -> tuple[dict, dict]:
     model, train = {}, dict(BASE_TRAIN)
     if name in ("default", "nanogpt"):
         return model, train
+    if is_nanogpt(name):  # nanogpt+drop1: the baseline with nanoGPT's own dropout
+        for part in name.split("+")[1:]:
+            if not part.startswith("drop") or part not in CHANGES:
+                raise SystemExit(f"nanogpt takes only dropout changes (drop1, drop2), not {part!r}")
+            model.update(CHANGES[part][0])
+        return model, train
     for part in name.split("+"):
         if part in DATA_CHANGES and part not in CHANGES:
             continue
@@ -194,10 +200,15 @@ def fit_psann(dp, task: dict, base: str, name: str, seed: int, steps: int, run_d
     return lm.model, lm.last_run["tokens_seen"], elapsed
 
 
-def fit_nanogpt(dp, task: dict, seed: int, steps: int) -> tuple:
+def is_nanogpt(name: str) -> bool:
+    return name == "nanogpt" or name.startswith("nanogpt+")
+
+
+def fit_nanogpt(dp, task: dict, name: str, seed: int, steps: int) -> tuple:
     torch.manual_seed(seed)
     m = task["model"]
-    model = nanogpt_baseline.build(dp.vocab_size, task["seq"], m["n_layers"], m["n_heads"], m["d_model"])
+    model = nanogpt_baseline.build(dp.vocab_size, task["seq"], m["n_layers"], m["n_heads"], m["d_model"],
+                                   dropout=contender_options(name)[0].get("dropout", 0.0))
     out = nanogpt_baseline.train(model, dp.train_windows, steps=steps, batch_windows=task["batch_windows"], seed=seed,
                                  lr=BASE_TRAIN["lr"], min_lr=BASE_TRAIN["min_lr"], warmup=BASE_TRAIN["warmup_steps"])
     return model, out["tokens"], out["train_s"], out["step_times"]
@@ -207,22 +218,22 @@ def step_seconds(dp, task: dict, base: str, name: str, run_dir: str, dropout: di
     """Mean seconds per training step of `name` in a short run (first 5 steps dropped) with the
     dropout its real run will have: a budget is a sum, so occasional slow steps count (a median
     under-estimated Muon's runs by 5-37%)."""
-    if name == "nanogpt":
-        return statistics.fmean(fit_nanogpt(dp, task, 0, steps)[3][5:])
+    if is_nanogpt(name):
+        return statistics.fmean(fit_nanogpt(dp, task, name, 0, steps)[3][5:])
     elapsed = fit_psann(dp, task, base, name, 0, steps, run_dir, log_every=1, dropout=dropout)[2]
     return (elapsed[-1] - elapsed[5]) / (len(elapsed) - 6)
 
 
 def train_one(dp, task: dict, base: str, name: str, seed: int, steps: int, run_dir: str) -> dict:
-    if name == "nanogpt":
-        model, tokens, train_s, step_times = fit_nanogpt(dp, task, seed, steps)
+    if is_nanogpt(name):
+        model, tokens, train_s, step_times = fit_nanogpt(dp, task, name, seed, steps)
         elapsed = [sum(step_times[:i]) for i in range(100, steps + 1, 100)]
     else:
         model, tokens, elapsed = fit_psann(dp, task, base, name, seed, steps, run_dir)
         train_s = elapsed[-1]
     counts = evaluate_counts(model, dp.val_windows, 32, torch.device("cpu"))  # one scorer for every contender
     row = {"val_loss": counts["loss_sum"] / counts["tokens"], "val_tokens": counts["tokens"], "steps": steps,
-           "dropout": {"dropout": 0.0} if name == "nanogpt" else run_dropout(dp, task, name, steps),
+           "dropout": {"dropout": contender_options(name)[0].get("dropout", 0.0)} if is_nanogpt(name) else run_dropout(dp, task, name, steps),
            "tokens": tokens, "train_s": train_s, "tok_per_s": tokens / train_s,
            "parameters": sum(p.numel() for p in model.parameters()),
            # seconds per step in each 100 steps: where a run's speed drifts from its calibration
@@ -245,17 +256,17 @@ def main(argv=None) -> None:
         task = {**task, "seq": args.seq, "batch_windows": max(1, task["batch_windows"] * task["seq"] // args.seq)}
     results: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        dp = prepare(args.task, {split_base(n, args.base)[0] for n in names if n != "nanogpt"}, task["seq"])
+        dp = prepare(args.task, {split_base(n, args.base)[0] for n in names if not is_nanogpt(n)}, task["seq"])
         steps = {n: args.steps for n in names}
         if args.budget == "seconds":
             calibrate = sorted(set(names) | {"default"})
             guess = {n: args.steps for n in calibrate}  # dropout depends on the steps a run gets: calibrate, then again if it changed
-            dropout = {n: None if n == "nanogpt" else run_dropout(dp, task, n, guess[n]) for n in calibrate}
+            dropout = {n: None if is_nanogpt(n) else run_dropout(dp, task, n, guess[n]) for n in calibrate}
             per_step = {n: step_seconds(dp, task, args.base, n, f"{tmp}/calibrate-{n}", dropout[n]) for n in calibrate}
             seconds = args.seconds or args.steps * per_step["default"]
             steps = {n: max(1, round(seconds / per_step[n])) for n in calibrate}
             for n in calibrate:
-                if n != "nanogpt" and run_dropout(dp, task, n, steps[n]) != dropout[n]:
+                if not is_nanogpt(n) and run_dropout(dp, task, n, steps[n]) != dropout[n]:
                     dropout[n] = run_dropout(dp, task, n, steps[n])
                     per_step[n] = step_seconds(dp, task, args.base, n, f"{tmp}/calibrate-{n}-again", dropout[n])
             seconds = args.seconds or args.steps * per_step["default"]
@@ -268,7 +279,7 @@ def main(argv=None) -> None:
     summary = {}
     for name in names:
         rows = results[name]
-        summary[name] = {"options": "nanoGPT baseline" if name == "nanogpt" else dict(zip(("model", "train"), contender_options(name))),
+        summary[name] = {"options": "nanoGPT baseline" if is_nanogpt(name) else dict(zip(("model", "train"), contender_options(name))),
                          "val_loss_median": statistics.median(r["val_loss"] for r in rows),
                          "tok_per_s_median": statistics.median(r["tok_per_s"] for r in rows),
                          "parameters": rows[0]["parameters"], "runs": rows}
