@@ -266,8 +266,9 @@ def main(argv=None) -> None:
             seconds = args.seconds or args.steps * per_step["default"]
             steps = {n: max(1, round(seconds / per_step[n])) for n in calibrate}
             for n in calibrate:
-                if not is_nanogpt(n) and run_dropout(dp, task, n, steps[n]) != dropout[n]:
-                    dropout[n] = run_dropout(dp, task, n, steps[n])
+                planned = None if is_nanogpt(n) else run_dropout(dp, task, n, steps[n])
+                if planned != dropout[n]:
+                    dropout[n] = planned
                     per_step[n] = step_seconds(dp, task, args.base, n, f"{tmp}/calibrate-{n}-again", dropout[n])
             seconds = args.seconds or args.steps * per_step["default"]
             steps = {n: max(1, round(seconds / per_step[n])) for n in names}

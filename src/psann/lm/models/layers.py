@@ -152,14 +152,14 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *, rope: RotaryEmbedding 
     past = cache.length if cache is not None else 0
     if position_ids is None and attention_mask is not None:
         position_ids = mask_positions(attention_mask, past, T)
-    attn_mask = build_attention_mask(attention_mask, T, past, causal, x.device)
-    if visible is not None:
+    if visible is None:
+        attn_mask = build_attention_mask(attention_mask, T, past, causal, x.device)
+    else:
         if cache is not None or visible.shape != (T, T):
             raise ValueError(f"visible must be ({T}, {T}) for {T} positions without a cache, got {tuple(visible.shape)}")
-        pattern = visible.to(x.device)[None, None]
+        attn_mask = visible.to(x.device)[None, None]
         if attention_mask is not None:  # padding stays hidden; each query keeps its own position
-            pattern = (pattern & attention_mask[:, None, None, :T].bool()) | torch.eye(T, dtype=torch.bool, device=x.device)
-        attn_mask = pattern
+            attn_mask = (attn_mask & attention_mask[:, None, None, :T].bool()) | torch.eye(T, dtype=torch.bool, device=x.device)
     inputs = BlockInputs(
         rope=rope(position_ids, past, T, x.dtype) if rope is not None else None,
         attn_mask=attn_mask,

@@ -41,14 +41,22 @@ class BatchPlan:
                 f"{self.n_windows:,} windows), warmup {self.warmup_steps}")
 
 
-def planned_epochs(cfg: TrainConfig, max_length: int, n_windows: int) -> float:
-    """Passes over the training windows the run will make, as plan_batches counts its steps (before
-    rounding the batch to micro-batches and ranks)."""
+def planned_steps(cfg: TrainConfig, windows_per_step: int, max_length: int, n_windows: int) -> int:
+    """The run's optimizer steps: max_steps, else max_tokens, else epochs over the windows."""
     if cfg.max_steps is not None:
-        return cfg.max_steps * min(max(1, cfg.batch_tokens // max_length), n_windows) / n_windows
+        return cfg.max_steps
     if cfg.max_tokens is not None:
-        return cfg.max_tokens / (max_length * n_windows)
-    return cfg.epochs
+        return math.ceil(cfg.max_tokens / (windows_per_step * max_length))
+    return max(1, math.ceil(cfg.epochs * n_windows / windows_per_step))
+
+
+def planned_epochs(cfg: TrainConfig, max_length: int, n_windows: int) -> float:
+    """Passes over the training windows the run will make: train.epochs, or the steps plan_batches
+    counts times the batch before its rounding to micro-batches and ranks."""
+    if cfg.max_steps is None and cfg.max_tokens is None:
+        return cfg.epochs
+    per_step = min(max(1, cfg.batch_tokens // max_length), n_windows)
+    return planned_steps(cfg, per_step, max_length, n_windows) * per_step / n_windows
 
 
 def plan_batches(cfg: TrainConfig, max_length: int, n_windows: int, device: torch.device, world_size: int = 1) -> BatchPlan:
@@ -81,12 +89,7 @@ def plan_batches(cfg: TrainConfig, max_length: int, n_windows: int, device: torc
         log.info("batch: %d windows per rank and step do not split into %s; using %d x %d = %d windows.",
                  per_rank, "grad_accum_steps" if cfg.grad_accum_steps else "micro-batches", micro, accum, micro * accum)
     per_step = micro * accum * world_size
-    if cfg.max_steps is not None:
-        total = cfg.max_steps
-    elif cfg.max_tokens is not None:
-        total = math.ceil(cfg.max_tokens / (per_step * max_length))
-    else:
-        total = max(1, math.ceil(cfg.epochs * n_windows / per_step))
+    total = planned_steps(cfg, per_step, max_length, n_windows)
     warmup = default_warmup(total) if cfg.warmup_steps is None else cfg.warmup_steps
     return BatchPlan(max_length, per_step, micro, accum, total, warmup, n_windows, world_size)
 
