@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.errors import CheckpointError, PsannError, StorageError
 from psann.lm.train import checkpoint as ckpt
+from psann.lm.train.resume import latest_checkpoint, load_model_and_optimizer, load_training_state
 from psann.lm.train.distributed import DistInfo
 from psann.lm.train.optim import build_optimizer
 from psann.lm.train.sharded import save_fsdp_checkpoint
@@ -59,8 +60,8 @@ def sharded(run, tmp_path_factory):
     src = run / "checkpoints" / "step_0000003"
     model, tok, config = ckpt.load_checkpoint(src)
     optimizer = _optimizer(model, config)
-    ckpt.load_model_and_optimizer(src, model, optimizer, sharded_model=False)
-    state, rng = ckpt.load_training_state(src)
+    load_model_and_optimizer(src, model, optimizer, sharded_model=False)
+    state, rng = load_training_state(src)
     dst = tmp_path_factory.mktemp("sharded") / "checkpoints" / "step_0000003"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP without a process group
@@ -90,8 +91,8 @@ def resume(directory: Path) -> None:
     """What Trainer._resume reads, without the trainer."""
     config = ckpt.read_checkpoint_config(directory)
     model, _, _ = ckpt.load_checkpoint(directory)
-    ckpt.load_training_state(directory)
-    ckpt.load_model_and_optimizer(directory, model, _optimizer(model, config), sharded_model=False)
+    load_training_state(directory)
+    load_model_and_optimizer(directory, model, _optimizer(model, config), sharded_model=False)
 
 
 def fit_resume(dp, directory: Path, out: Path, max_steps: int = 3) -> psannLM:
@@ -203,7 +204,7 @@ def test_corrupt_or_missing_files_are_named_with_an_intact_sibling(run, tmp_path
         ckpt.load_checkpoint(root / "step_0000002")
     (root / "step_0000001" / "rng.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"corrupt: rng\.pt has 0 bytes, expected"):
-        ckpt.load_training_state(root / "step_0000001")
+        load_training_state(root / "step_0000001")
 
 
 def test_checkpoint_without_manifest_loads_unverified(run, tmp_path, caplog):
@@ -212,7 +213,7 @@ def test_checkpoint_without_manifest_loads_unverified(run, tmp_path, caplog):
     flip(final / "rng.pt", n=1, at=4000)  # tensor bytes: nothing but a manifest can tell
     caplog.set_level("DEBUG", logger="psann.lm")
     psannLM.load(final)
-    ckpt.load_training_state(final)
+    load_training_state(final)
     assert "no manifest.json" in caplog.text and "not verified" in caplog.text
 
 
@@ -221,7 +222,7 @@ def test_latest_checkpoint_skips_broken_ones(run, tmp_path, caplog):
     root = run_dir / "checkpoints"
     flip(root / "final" / "optimizer.pt")
     (root / "step_0000003" / "trainer_state.json").write_text('{"step": 3, "tok')
-    assert ckpt.latest_checkpoint(run_dir) == root / "step_0000002"
+    assert latest_checkpoint(run_dir) == root / "step_0000002"
     assert "skipping checkpoint" in caplog.text
     assert "final: it is corrupt: optimizer.pt" in caplog.text and "step_0000003" in caplog.text
 
@@ -272,7 +273,7 @@ def test_broken_state_files_are_named(run, sharded, tmp_path, case):
 
 def test_wrong_paths_say_what_they_are(run, tmp_path):
     model = ckpt.load_checkpoint(run / "checkpoints" / "final")[0]
-    for load in (psannLM.load, ckpt.load_training_state, lambda p: ckpt.load_weights(model, p)):
+    for load in (psannLM.load, load_training_state, lambda p: ckpt.load_weights(model, p)):
         with pytest.raises(CheckpointError, match="checkpoint not found: .*nope"):
             load(tmp_path / "nope")
         with pytest.raises(CheckpointError, match=r"is a run directory, not a checkpoint; its checkpoints: final, best, "
@@ -284,8 +285,9 @@ def test_wrong_paths_say_what_they_are(run, tmp_path):
 SAVER = """
 import sys, torch
 from psann.lm.train import checkpoint as ckpt
+from psann.lm.train.resume import load_training_state
 model, tok, config = ckpt.load_checkpoint(sys.argv[1])
-state, rng = ckpt.load_training_state(sys.argv[1])
+state, rng = load_training_state(sys.argv[1])
 with torch.no_grad():
     for p in model.parameters():
         p.add_(1.0)
@@ -312,7 +314,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_checkpoint_loadable(run, tmp_p
         ckpt.recover_checkpoints(root)
         assert leftovers(root) == [], point
         model, _, _ = ckpt.load_checkpoint(final)
-        ckpt.load_training_state(final)
+        load_training_state(final)
         published = ckpt.FAULT_POINTS.index(point) >= ckpt.FAULT_POINTS.index("new-in")
         for k, v in model.state_dict().items():
             if k in old:
@@ -383,7 +385,7 @@ def test_unwritable_directory_is_named(run, tmp_path, monkeypatch):
 def test_every_file_gets_the_mode_of_a_new_file(run, tmp_path):
     src = run / "checkpoints" / "final"
     model, tok, config = ckpt.load_checkpoint(src)
-    state, rng = ckpt.load_training_state(src)
+    state, rng = load_training_state(src)
     umask = os.umask(0o027)
     try:
         ckpt.save_checkpoint(tmp_path / "c", model, tok, config, trainer_state=state, rng_state=rng,

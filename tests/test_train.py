@@ -14,6 +14,7 @@ from psann.lm.errors import CheckpointError, ConfigError
 from psann.lm.models import build_model
 from psann.lm.models.layers import Attention
 from psann.lm.train import checkpoint as ckpt
+from psann.lm.train.resume import latest_checkpoint, load_model_and_optimizer, load_training_state
 from psann.lm.train.optim import lr_at
 from psann.lm.train.plan import plan_batches
 from psann.lm.train.run import with_run_dropout
@@ -155,7 +156,7 @@ def test_interrupt_saves_a_resumable_checkpoint(dp, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_train_step", flaky)
     with pytest.raises(KeyboardInterrupt):
         psannLM(**TINY).fit(dp, checkpoint_dir=str(tmp_path), max_steps=10, batch_tokens=64, **FAST)
-    saved = ckpt.latest_checkpoint(tmp_path)
+    saved = latest_checkpoint(tmp_path)
     assert saved.name == "step_0000002"
     assert json.loads((saved / "trainer_state.json").read_text())["step"] == 2
 
@@ -238,10 +239,10 @@ def test_loading_never_unpickles_code(dp, tmp_path, monkeypatch):
         with open(final / name, "wb") as fh:
             pickle.dump({"state": _Evil()}, fh)
     with pytest.raises(CheckpointError):
-        ckpt.load_training_state(final)
+        load_training_state(final)
     model, _, _ = ckpt.load_checkpoint(final)
     with pytest.raises(CheckpointError):
-        ckpt.load_model_and_optimizer(final, model, torch.optim.AdamW(model.parameters()), sharded_model=False)
+        load_model_and_optimizer(final, model, torch.optim.AdamW(model.parameters()), sharded_model=False)
     assert not (tmp_path / "pwned_marker").exists()
 
 

@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from psann.lm import psannLM, psannLMDataPrep
 from psann.lm.config import TrainConfig, load_config
 from psann.lm.errors import BusyError, ConfigError, TrainingError
-from psann.lm.train import checkpoint as ckpt
+from psann.lm.train.resume import latest_checkpoint
 from psann.lm.objectives.causal import CausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_a_run_that_stays_non_finite_stops_and_leaves_the_last_good_checkpoint(d
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
     assert names == ["step_0000002", "step_0000004"]  # the stop comes before step 6's save
     assert all(all_finite(tmp_path / "checkpoints" / n) for n in names)
-    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000004"
+    assert latest_checkpoint(tmp_path).name == "step_0000004"
 
 
 def test_a_diverging_learning_rate_stops_with_an_error_and_saves_nothing_non_finite(tmp_path):

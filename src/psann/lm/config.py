@@ -1,7 +1,7 @@
 """Configuration: four small dataclasses, loaded from YAML/TOML/JSON, overridden from the command line.
 
-Every field carries its help text, valid choices, range and where it applies (`only`) in `metadata`;
-the same metadata drives validation (on construction, whatever the source), `--section.key=value`
+Every field carries its help text, valid choices, range and where it applies (`only`) in `metadata`
+(config_fields.py); the same metadata drives validation (on construction, whatever the source), `--section.key=value`
 parsing and the config reference in the README. Plain dataclasses + difflib suggestions keep this
 dependency-free and let the configs double as keyword arguments of the Python API. Checks that need
 a model family's code (e.g. H-Net's stage structure) are models.check_model_config's.
@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
 import yaml
 
+from .config_fields import Validated, option, plain
 from .errors import ConfigError, did_you_mean
 
 try:
@@ -40,239 +40,51 @@ def check_logger_names(names: typing.Iterable[str]) -> None:
                               f"Choices: {', '.join(LOGGERS)}.")
 
 
-def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, min_exclusive: bool = False, factory: Any = None,
-         only: dict[str, tuple] | None = None, only_label: str | None = None, sets: dict | None = None):
-    """A field with its metadata. only={key: values}: the field applies only where `key` (of its own
-    section, or given to `misplaced`) has one of `values`; set elsewhere it is an error, naming
-    `only_label` (default: "key 'value'"). sets={value: {key: v}}: this value sets those keys."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
-            "only": only or {}, "only_label": only_label, "sets": sets or {}}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-class _Validated:
-    """Coerces and checks every field after construction, naming the key in any error."""
-
-    section: typing.ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            key = f"{self.section}.{f.name}"
-            value = _coerce(getattr(self, f.name), hints[f.name], key)
-            _check_range(value, f.metadata, key)
-            object.__setattr__(self, f.name, value)
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for f, name in self.misplaced(**values):
-            allowed = f.metadata["only"][name]
-            what = f.metadata["only_label"] or f"{name} {' or '.join(map(repr, allowed))}"
-            raise ConfigError(f"'{self.section}.{f.name}' only applies to {what} ({name} is {values[name]!r}); "
-                              f"remove it or set {self.section}.{name}={allowed[0]}.")
-        for f in dataclasses.fields(self):
-            if f.metadata["sets"]:  # e.g. objective diffusion sets causal false: a denoiser sees the whole sequence
-                for key, value in f.metadata["sets"].get(values[f.name], {}).items():
-                    object.__setattr__(self, key, value)
-        self.check()
-
-    def check(self) -> None:
-        """Cross-field checks; overridden per section."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-    def changed(self, keys: typing.Iterable[str]) -> list[str]:
-        """The keys among `keys` set to something other than their default (options that must not
-        be given where they do not apply)."""
-        defaults = self.defaults()
-        return [k for k in keys if getattr(self, k) != defaults[k]]
-
-    def misplaced(self, **context: Any) -> list[tuple[dataclasses.Field, str]]:
-        """(field, key) of each field set away from its default although its `only` metadata says it
-        does not apply at context[key] (e.g. a wave_* key when base is not waveresnet)."""
-        return [(f, key) for f in dataclasses.fields(self) for key, values in f.metadata["only"].items()
-                if key in context and context[key] not in values and self.changed([f.name])]
-
-    @classmethod
-    def check_keys(cls, keys: typing.Iterable[str]) -> None:
-        """Unknown keys are errors that suggest the closest valid one."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in keys:
-            if key not in names:
-                raise ConfigError(f"unknown key '{cls.section}.{key}'.{did_you_mean(key, names)} "
-                                  f"Valid keys of '{cls.section}': {', '.join(names)}.")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]):
-        if not isinstance(values, dict):
-            raise ConfigError(f"section '{cls.section}' must be a mapping of keys to values, got {type(values).__name__}.")
-        cls.check_keys(values)
-        return cls(**values)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"'{key}' may not be empty.")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                parsed = float(value.replace("_", ""))
-            except ValueError:
-                parsed = math.nan
-            if parsed.is_integer():
-                return int(parsed)
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML reads 3e-4 as a string; accept it
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"'{key}' must be a number, got {value!r}.")
-        return _finite(number, key)
-    if tp is str:
-        if isinstance(value, (str, Path)):
-            return str(value)
-        raise ConfigError(f"'{key}' must be a string, got {value!r}.")
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}.")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"'{key}' must have {len(args)} items, got {len(value)}.")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}.")
-        for name, item in value.items():
-            if isinstance(item, float):
-                _finite(item, f"{key}.{name}")
-        return dict(value)
-    raise ConfigError(f"'{key}': unsupported type {_type_name(tp)}")  # pragma: no cover - a bug in this file
-
-
-def _finite(number: float, key: str) -> float:
-    """nan and inf pass every range check (nan compares false), so they are refused by name."""
-    if not math.isfinite(number):
-        raise ConfigError(f"'{key}' must be a finite number, got {number}.")
-    return number
-
-
-def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
-    if value is None:
-        return
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, choices))}; got {value!r}."
-                          f"{did_you_mean(str(value), map(str, choices))}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
-            op = ">" if meta.get("min_exclusive") else ">="
-            raise ConfigError(f"'{key}' must be {op} {lo}, got {value}.")
-        if hi is not None and value > hi:
-            raise ConfigError(f"'{key}' must be <= {hi}, got {value}.")
-
-
 @dataclass
-class ModelConfig(_Validated):
+class ModelConfig(Validated):
     section: typing.ClassVar[str] = "model"
-    base: str = _opt("transformer", "Model family; `psannlm` lists the registered bases (transformer, ...).")
-    d_model: int | list[int] = _opt(512, "Width of the residual stream; for base hnet one width per stage, outer to inner (e.g. [384, 512, 768]).", min=1)
-    n_layers: int = _opt(8, "Number of decoder blocks.", min=1)
-    n_heads: int = _opt(8, "Attention heads; must divide d_model.", min=1)
-    n_kv_heads: int | None = _opt(None, "Key/value heads for grouped-query attention (default: n_heads); must divide n_heads.", min=1)
-    d_mlp: int | None = _opt(None, "MLP hidden size (default from hidden_ratio: gated MLPs 2/3 * hidden_ratio * d_model rounded up to a multiple of 64, i.e. 8/3 * d_model; sine bases hidden_ratio * d_model).", min=1)
-    hidden_ratio: float = _opt(4.0, "MLP expansion when d_mlp is unset (the seed's name); per stage width for base hnet.", min=0.0, min_exclusive=True)
-    vocab_size: int | None = _opt(None, "Vocabulary size (default: the tokenizer's).", min=1)
-    max_seq_len: int | None = _opt(None, "Context window in tokens (default: data.max_length); longer prompts are truncated from the left.", min=1)
-    rope: bool = _opt(True, "Rotary position embeddings; false uses learned absolute position embeddings.")
-    rope_theta: float = _opt(10000.0, "RoPE base frequency.", min=0.0, min_exclusive=True)
-    norm_eps: float = _opt(1e-5, "RMSNorm epsilon.", min=0.0, min_exclusive=True)
-    tie_embeddings: bool = _opt(True, "Share the token embedding with the output head.")
-    qk_norm: bool | None = _opt(None, "RMSNorm each head's queries and keys before RoPE (OLMo 2, Qwen3, modded-nanogpt): attention logits stay bounded; with Muon it is worth 1-2% of loss (docs/results/recipe.md). Default (none): on for attention layers (hgrn_bit has none). Exports as HF Qwen3 (false: Llama).")
-    mlp: str = _opt("swiglu", "MLP of the attention blocks: swiglu (gated, hidden 2/3 * hidden_ratio * d_model) or relu2 (ReLU squared, ungated, hidden hidden_ratio * d_model; modded-nanogpt, nanochat). The sine bases have their own MLP.", choices=("swiglu", "relu2"),
+    base: str = option("transformer", "Model family; `psannlm` lists the registered bases (transformer, ...).")
+    d_model: int | list[int] = option(512, "Width of the residual stream; for base hnet one width per stage, outer to inner (e.g. [384, 512, 768]).", min=1)
+    n_layers: int = option(8, "Number of decoder blocks.", min=1)
+    n_heads: int = option(8, "Attention heads; must divide d_model.", min=1)
+    n_kv_heads: int | None = option(None, "Key/value heads for grouped-query attention (default: n_heads); must divide n_heads.", min=1)
+    d_mlp: int | None = option(None, "MLP hidden size (default from hidden_ratio: gated MLPs 2/3 * hidden_ratio * d_model rounded up to a multiple of 64, i.e. 8/3 * d_model; sine bases hidden_ratio * d_model).", min=1)
+    hidden_ratio: float = option(4.0, "MLP expansion when d_mlp is unset (the seed's name); per stage width for base hnet.", min=0.0, min_exclusive=True)
+    vocab_size: int | None = option(None, "Vocabulary size (default: the tokenizer's).", min=1)
+    max_seq_len: int | None = option(None, "Context window in tokens (default: data.max_length); longer prompts are truncated from the left.", min=1)
+    rope: bool = option(True, "Rotary position embeddings; false uses learned absolute position embeddings.")
+    rope_theta: float = option(10000.0, "RoPE base frequency.", min=0.0, min_exclusive=True)
+    norm_eps: float = option(1e-5, "RMSNorm epsilon.", min=0.0, min_exclusive=True)
+    tie_embeddings: bool = option(True, "Share the token embedding with the output head.")
+    qk_norm: bool | None = option(None, "RMSNorm each head's queries and keys before RoPE (OLMo 2, Qwen3, modded-nanogpt): attention logits stay bounded; with Muon it is worth 1-2% of loss (docs/results/recipe.md). Default (none): on for attention layers (hgrn_bit has none). Exports as HF Qwen3 (false: Llama).")
+    mlp: str = option("swiglu", "MLP of the attention blocks: swiglu (gated, hidden 2/3 * hidden_ratio * d_model) or relu2 (ReLU squared, ungated, hidden hidden_ratio * d_model; modded-nanogpt, nanochat). The sine bases have their own MLP.", choices=("swiglu", "relu2"),
                     only={"base": ("transformer", "byte", "hnet")}, only_label="the bases transformer, byte and hnet (the sine bases use sine MLPs)")
-    logit_softcap: float | None = _opt(None, "Soft-cap the output logits: cap * tanh(logits / cap) (Gemma 2, modded-nanogpt use 15-30); none: off.", min=0.0, min_exclusive=True)
-    value_embeddings: bool = _opt(False, "Give every attention layer a token embedding of its own added to its values (modded-nanogpt, nanochat): vocab_size x d_model lookup parameters per layer, no extra matmuls.",
+    logit_softcap: float | None = option(None, "Soft-cap the output logits: cap * tanh(logits / cap) (Gemma 2, modded-nanogpt use 15-30); none: off.", min=0.0, min_exclusive=True)
+    value_embeddings: bool = option(False, "Give every attention layer a token embedding of its own added to its values (modded-nanogpt, nanochat): vocab_size x d_model lookup parameters per layer, no extra matmuls.",
                                   only={"base": ("transformer", "byte", "respsann", "waveresnet")}, only_label="the flat bases (an H-Net's inner stages see chunks, not tokens)")
-    zero_init_residual: bool = _opt(False, "Start the projections that write into the residual stream (attention and MLP outputs) at zero, so every block begins as the identity (modded-nanogpt, nanochat).")
-    dropout: float | None = _opt(None, "Dropout on the residual branches (and on the attention weights unless attention_dropout is set) during training. Default (none): 0.1 on the residual branches when the run reads its training text at least 5 times (the default recipe over-fits a small corpus it repeats; docs/results/recipe.md), else 0.", min=0.0, max=1.0)
-    attention_dropout: float | None = _opt(None, "Dropout on the attention weights during training; default (none): model.dropout as set, 0 when the repeated-text rule sets it. Above 0 the CPU's fused attention kernel is not used: a step of a 2.6M-parameter model took ~1.4x as long.", min=0.0, max=1.0)
-    init_std: float = _opt(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
-    causal: bool = _opt(True, "Causal (autoregressive) attention; false gives bidirectional attention (objective diffusion sets it false).")
-    objective: str = _opt("causal", "causal: next-token prediction; diffusion: a masked diffusion LM (bidirectional attention, a mask token after the tokenizer's ids, block-diffusion sampling).", choices=("causal", "diffusion"), sets={"diffusion": {"causal": False}})
-    mask_token_id: int | None = _opt(None, "diffusion only: id of the mask token (default: the tokenizer's vocabulary size, i.e. one id appended after it).", min=0, only={"objective": ("diffusion",)})
-    noise_epsilon: float = _opt(1e-3, "diffusion only: masking probability p = (1 - eps) t + eps, so no sequence goes unmasked and 1/p stays <= 1/eps.", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("diffusion",)})
-    random_trunc_prob: float = _opt(0.01, "diffusion only: probability that a training batch is cut to a random length in [1, max_length].", min=0.0, max=1.0, only={"objective": ("diffusion",)})
-    shift_logits: bool = _opt(False, "diffusion only: predict each position from the output one position to its left, as a causal LM's head does (DiffuLLaMA, Dream; the first position keeps its own), so a causal checkpoint (train.init_from) starts the denoiser where it left off.", only={"objective": ("diffusion",)})
-    t_sampling: str = _opt("stratified", "diffusion only: how the batch's noise levels t are drawn: uniform (independent), stratified ((i + u) / B), antithetic (t and 1 - t pairs).", choices=("uniform", "stratified", "antithetic"), only={"objective": ("diffusion",)})
-    sine_params: dict[str, Any] | None = _opt(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
-    layer_type: str = _opt("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"),
+    zero_init_residual: bool = option(False, "Start the projections that write into the residual stream (attention and MLP outputs) at zero, so every block begins as the identity (modded-nanogpt, nanochat).")
+    dropout: float | None = option(None, "Dropout on the residual branches (and on the attention weights unless attention_dropout is set) during training. Default (none): 0.1 on the residual branches when the run reads its training text at least 5 times (the default recipe over-fits a small corpus it repeats; docs/results/recipe.md), else 0.", min=0.0, max=1.0)
+    attention_dropout: float | None = option(None, "Dropout on the attention weights during training; default (none): model.dropout as set, 0 when the repeated-text rule sets it. Above 0 the CPU's fused attention kernel is not used: a step of a 2.6M-parameter model took ~1.4x as long.", min=0.0, max=1.0)
+    init_std: float = option(0.02, "Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers).", min=0.0, min_exclusive=True)
+    causal: bool = option(True, "Causal (autoregressive) attention; false gives bidirectional attention (objective diffusion sets it false).")
+    objective: str = option("causal", "causal: next-token prediction; diffusion: a masked diffusion LM (bidirectional attention, a mask token after the tokenizer's ids, block-diffusion sampling).", choices=("causal", "diffusion"), sets={"diffusion": {"causal": False}})
+    mask_token_id: int | None = option(None, "diffusion only: id of the mask token (default: the tokenizer's vocabulary size, i.e. one id appended after it).", min=0, only={"objective": ("diffusion",)})
+    noise_epsilon: float = option(1e-3, "diffusion only: masking probability p = (1 - eps) t + eps, so no sequence goes unmasked and 1/p stays <= 1/eps.", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("diffusion",)})
+    random_trunc_prob: float = option(0.01, "diffusion only: probability that a training batch is cut to a random length in [1, max_length].", min=0.0, max=1.0, only={"objective": ("diffusion",)})
+    shift_logits: bool = option(False, "diffusion only: predict each position from the output one position to its left, as a causal LM's head does (DiffuLLaMA, Dream; the first position keeps its own), so a causal checkpoint (train.init_from) starts the denoiser where it left off.", only={"objective": ("diffusion",)})
+    t_sampling: str = option("stratified", "diffusion only: how the batch's noise levels t are drawn: uniform (independent), stratified ((i + u) / B), antithetic (t and 1 - t pairs).", choices=("uniform", "stratified", "antithetic"), only={"objective": ("diffusion",)})
+    sine_params: dict[str, Any] | None = option(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
+    layer_type: str = option("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"),
                            only={"base": ("byte", "hnet")}, only_label="the byte-level bases byte and hnet")
-    expand_ratio: int = _opt(1, "hgrn_bit only: width of the recurrence = expand_ratio * d_model.", min=1, only={"layer_type": ("hgrn_bit",)})
-    num_blocks: list[list[int]] | None = _opt(None, "hnet only: blocks per stage, outer to inner: [encoder, 0, decoder] for each chunking stage, then [main] (e.g. [[3, 0, 3], [6]]).", only={"base": ("hnet",)})
-    target_compression: list[float] | None = _opt(None, "hnet only: target bytes per chunk at each chunking stage (default 6 for one stage, 3 per stage for more).", only={"base": ("hnet",)})
-    ratio_loss_weight: float = _opt(0.03, "hnet only: weight of the ratio loss that steers each stage to its target compression.", min=0.0, only={"base": ("hnet",)})
-    stage_lr_mult: list[float] | None = _opt(None, "hnet only: learning-rate multiplier per stage, outer to inner (default 1 each; the H-Net recipe uses larger ones outside).", only={"base": ("hnet",)})
-    wave_mode: str = _opt("interleave", "waveresnet only: wave blocks after the MLP (interleave), instead of it (replace), or none (off).", choices=("interleave", "replace", "off"), only={"base": ("waveresnet",)})
-    wave_kernel_size: int = _opt(3, "waveresnet only: kernel of the causal depthwise convolution over time.", min=1, only={"base": ("waveresnet",)})
-    wave_dilation_growth: int = _opt(2, "waveresnet only: dilation of layer i is growth ** (i % cycle).", min=1, only={"base": ("waveresnet",)})
-    wave_dilation_cycle: int = _opt(4, "waveresnet only: layers after which the dilation starts again at 1.", min=1, only={"base": ("waveresnet",)})
+    expand_ratio: int = option(1, "hgrn_bit only: width of the recurrence = expand_ratio * d_model.", min=1, only={"layer_type": ("hgrn_bit",)})
+    num_blocks: list[list[int]] | None = option(None, "hnet only: blocks per stage, outer to inner: [encoder, 0, decoder] for each chunking stage, then [main] (e.g. [[3, 0, 3], [6]]).", only={"base": ("hnet",)})
+    target_compression: list[float] | None = option(None, "hnet only: target bytes per chunk at each chunking stage (default 6 for one stage, 3 per stage for more).", only={"base": ("hnet",)})
+    ratio_loss_weight: float = option(0.03, "hnet only: weight of the ratio loss that steers each stage to its target compression.", min=0.0, only={"base": ("hnet",)})
+    stage_lr_mult: list[float] | None = option(None, "hnet only: learning-rate multiplier per stage, outer to inner (default 1 each; the H-Net recipe uses larger ones outside).", only={"base": ("hnet",)})
+    wave_mode: str = option("interleave", "waveresnet only: wave blocks after the MLP (interleave), instead of it (replace), or none (off).", choices=("interleave", "replace", "off"), only={"base": ("waveresnet",)})
+    wave_kernel_size: int = option(3, "waveresnet only: kernel of the causal depthwise convolution over time.", min=1, only={"base": ("waveresnet",)})
+    wave_dilation_growth: int = option(2, "waveresnet only: dilation of layer i is growth ** (i % cycle).", min=1, only={"base": ("waveresnet",)})
+    wave_dilation_cycle: int = option(4, "waveresnet only: layers after which the dilation starts again at 1.", min=1, only={"base": ("waveresnet",)})
 
     def check(self) -> None:
         if self.sine_params is not None:
@@ -331,25 +143,25 @@ def gated_mlp_hidden(width: int, hidden_ratio: float) -> int:
 
 
 @dataclass
-class DataConfig(_Validated):
+class DataConfig(Validated):
     section: typing.ClassVar[str] = "data"
-    train_files: list[str] = _opt(None, "Text files (UTF-8; bad bytes are replaced and counted) to train on.", factory=list)
-    val_files: list[str] = _opt(None, "Optional held-out text files; when empty, val_split carves validation out of train_files.", factory=list)
-    doc_separator: str | None = _opt(None, "Splits each file into documents: any string, or eot (<|endoftext|>), blank (a blank line), line (one per line), none; default: one document per file (the same names as `psannlm data build --separator`).")
-    tokenizer: str = _opt("auto", "Tokenizer backend: auto (sentencepiece -> tokenizers -> char), byte, char (alias simple), bpe (from-scratch byte-level BPE, tiktoken engine), sentencepiece, tokenizers.", choices=TOKENIZER_KINDS)
-    tokenizer_model_path: str | None = _opt(None, "Load this tokenizer (.model, tokenizer.json, or a saved tokenizer directory) instead of training one.")
-    tokenizer_vocab_size: int | None = _opt(None, "Vocabulary size when training a subword tokenizer (a soft limit for tiny corpora).", min=8)
-    max_length: int = _opt(256, "Tokens per training window (sequence length).", min=1)
-    pack_sequences: bool = _opt(True, "Pack documents (joined by BOS/EOS) into full windows; false = one document per window, padding masked.")
-    val_split: float = _opt(0.1, "Fraction of documents held out for validation (by seed; a single document is split at its tail).", min=0.0, max=0.9)
-    seed: int = _opt(1337, "Seed for the train/validation split.")
-    cache_dir: str | None = _opt(None, "Where train_files (or sft_files) are built into token shards (default: data/ in the run directory for `psannlm train`, else a temporary directory).")
-    path: str | None = _opt(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
-    sampling: str = _opt("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = random for packed windows (repeated epochs see new window boundaries), shuffle for sft_files and pack_sequences=false (one window per document). random and sequential need packed windows.", choices=("auto", "shuffle", "random", "sequential"))
-    bos_aligned: bool = _opt(False, "Start every training window at a document's BOS (needs sampling random or sequential).")
-    train_token_files: list[str] = _opt(None, "Arrays of token ids (.npy, as `psannlm tokenizer encode` writes them) to train on as one packed stream each, instead of train_files; the tokenizer is data.tokenizer_model_path, or the one saved beside the first array (X.tokenizer/ for X.npy).", factory=list)
-    val_token_files: list[str] = _opt(None, "Held-out arrays of token ids for train_token_files (same tokenizer).", factory=list)
-    sft_files: list[str] = _opt(None, "Supervised fine-tuning: JSONL files of {\"prompt\", \"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]} lines (rendered with the tokenizer's chat template), instead of train_files; the loss covers responses / assistant turns only (diffusion: the rest never masked, answers padded with EOS). With train.init_from the checkpoint's tokenizer is used.", factory=list)
+    train_files: list[str] = option(None, "Text files (UTF-8; bad bytes are replaced and counted) to train on.", factory=list)
+    val_files: list[str] = option(None, "Optional held-out text files; when empty, val_split carves validation out of train_files.", factory=list)
+    doc_separator: str | None = option(None, "Splits each file into documents: any string, or eot (<|endoftext|>), blank (a blank line), line (one per line), none; default: one document per file (the same names as `psannlm data build --separator`).")
+    tokenizer: str = option("auto", "Tokenizer backend: auto (sentencepiece -> tokenizers -> char), byte, char (alias simple), bpe (from-scratch byte-level BPE, tiktoken engine), sentencepiece, tokenizers.", choices=TOKENIZER_KINDS)
+    tokenizer_model_path: str | None = option(None, "Load this tokenizer (.model, tokenizer.json, or a saved tokenizer directory) instead of training one.")
+    tokenizer_vocab_size: int | None = option(None, "Vocabulary size when training a subword tokenizer (a soft limit for tiny corpora).", min=8)
+    max_length: int = option(256, "Tokens per training window (sequence length).", min=1)
+    pack_sequences: bool = option(True, "Pack documents (joined by BOS/EOS) into full windows; false = one document per window, padding masked.")
+    val_split: float = option(0.1, "Fraction of documents held out for validation (by seed; a single document is split at its tail).", min=0.0, max=0.9)
+    seed: int = option(1337, "Seed for the train/validation split.")
+    cache_dir: str | None = option(None, "Where train_files (or sft_files) are built into token shards (default: data/ in the run directory for `psannlm train`, else a temporary directory).")
+    path: str | None = option(None, "A built dataset directory (psannlm data build): train on its shards with its saved tokenizer, instead of train_files.")
+    sampling: str = option("auto", "How training windows are drawn: shuffle (a seeded permutation per epoch), random (uniform random starts), sequential; auto = random for packed windows (repeated epochs see new window boundaries), shuffle for sft_files and pack_sequences=false (one window per document). random and sequential need packed windows.", choices=("auto", "shuffle", "random", "sequential"))
+    bos_aligned: bool = option(False, "Start every training window at a document's BOS (needs sampling random or sequential).")
+    train_token_files: list[str] = option(None, "Arrays of token ids (.npy, as `psannlm tokenizer encode` writes them) to train on as one packed stream each, instead of train_files; the tokenizer is data.tokenizer_model_path, or the one saved beside the first array (X.tokenizer/ for X.npy).", factory=list)
+    val_token_files: list[str] = option(None, "Held-out arrays of token ids for train_token_files (same tokenizer).", factory=list)
+    sft_files: list[str] = option(None, "Supervised fine-tuning: JSONL files of {\"prompt\", \"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]} lines (rendered with the tokenizer's chat template), instead of train_files; the loss covers responses / assistant turns only (diffusion: the rest never masked, answers padded with EOS). With train.init_from the checkpoint's tokenizer is used.", factory=list)
 
     def check(self) -> None:
         if self.train_token_files or self.val_token_files:
@@ -379,54 +191,54 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
-class TrainConfig(_Validated):
+class TrainConfig(Validated):
     section: typing.ClassVar[str] = "train"
-    epochs: float = _opt(1.0, "Passes over the training windows (fractions allowed); ignored when max_steps or max_tokens is set.", min=0.0, min_exclusive=True)
-    max_steps: int | None = _opt(None, "Optimizer steps to run (overrides epochs).", min=1)
-    max_tokens: int | None = _opt(None, "Token budget (overrides epochs; max_steps wins if both are set).", min=1)
-    batch_tokens: int = _opt(16384, "Tokens per optimizer step (windows per step = batch_tokens // max_length).", min=1)
-    micro_batch_size: int | None = _opt(None, "Windows per forward/backward; default derives it from grad_accum_steps or a memory-friendly size.", min=1)
-    grad_accum_steps: int | None = _opt(None, "Micro-batches per optimizer step (default: derived from batch_tokens and micro_batch_size).", min=1)
-    lr: float = _opt(3e-4, "Peak learning rate.", min=0.0, min_exclusive=True)
-    min_lr: float | None = _opt(None, "Final learning rate of the cosine decay (default: lr / 10).", min=0.0)
-    warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 5% of the run, at most 1000).", min=0)
-    lr_schedule: str = _opt("wsd", "Decay after warmup, from lr to min_lr at the last step: cosine, linear, or wsd (warmup-stable-decay: lr held until the last decay_fraction of the steps, then linear to min_lr).", choices=("cosine", "linear", "wsd"))
-    decay_fraction: float = _opt(0.3, "wsd only: the share of the steps, at the end, over which lr falls to min_lr.", min=0.0, max=1.0, min_exclusive=True, only={"lr_schedule": ("wsd",)})
-    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (never on norms, biases, embeddings or gains).", min=0.0)
-    betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas.")
-    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
-    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).", min=0.0)
-    amp: str = _opt("auto", "Precision: auto (bf16 where it is fast, else fp32), bf16, fp16 (with loss scaling), fp32.", choices=AMP_CHOICES)
-    ddp: str = _opt("auto", "DDP across torchrun processes: auto (on when WORLD_SIZE > 1 and fsdp is off), on, off.", choices=("auto", "on", "off"))
-    fsdp: str = _opt("off", "FSDP2 sharding under torchrun: full_shard (params, grads, optimizer state), shard_grad_op (keep gathered weights from forward to backward), hybrid (shard within a node, replicate across nodes), off.", choices=("off", "full_shard", "shard_grad_op", "hybrid"))
-    fsdp_cpu_offload: bool = _opt(False, "FSDP: keep parameter, gradient and optimizer shards in CPU memory (CUDA only; slower, fits larger models).")
-    optimizer: str = _opt("auto", "auto (muon, or adamw under FSDP; the measured default, docs/results/recipe.md); adamw; zero_adamw (AdamW state sharded across DDP ranks); adamw8bit (bitsandbytes, CUDA; falls back to adamw with a message); adafactor; muon (torch.optim.Muon for the hidden weight matrices, its step RMS matched to AdamW's so train.lr serves both, AdamW for embeddings, head, norms and gains; one process or DDP).", choices=("auto", "adamw", "zero_adamw", "adamw8bit", "adafactor", "muon"))
-    device: str = _opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
-    compile: bool = _opt(False, "torch.compile each block (falls back to eager with a warning where unsupported).")
-    grad_checkpoint: bool = _opt(False, "Activation checkpointing per block: recompute activations in backward to save memory.")
-    auto_micro_batch: bool = _opt(True, "On CUDA out-of-memory, halve the micro-batch and double grad accumulation (same batch_tokens), and say so.")
-    peak_tflops: float | None = _opt(None, "Peak TFLOP/s of one device for MFU (default: the built-in table of GPUs, or a CPU estimate).", min=0.0, min_exclusive=True)
-    seed: int = _opt(1337, "Seed for initialisation, data order and dropout.")
-    checkpoint_dir: str | None = _opt(None, "Run directory for checkpoints, metrics and plots (default: runs/<timestamp>).")
-    resume_from: str | None = _opt(None, "Checkpoint directory to resume from (exact continuation), or 'latest' in checkpoint_dir.")
-    init_from: str | None = _opt(None, "Checkpoint directory whose weights start a new run (fresh optimizer and schedule); a causal checkpoint may start a diffusion model (model.objective=diffusion, best with model.shift_logits), its mask token's embedding the mean of the others.")
-    attention_anneal_steps: int = _opt(0, "diffusion only: open the attention from causal to bidirectional over the first N steps (each query sees a random share step/N of the later positions; DiffuLLaMA's mask annealing), for a denoiser started from a causal checkpoint (train.init_from); 0: bidirectional from the start.", min=0)
-    log_interval_steps: int = _opt(10, "Steps between metric log lines.", min=1)
-    log_norms: bool = _opt(False, "Also log, at each log step, the weights' global L2 norm (weight_l2_norm) and the RMS of each block's output in that step's last training forward (act_rms.<block>), averaged over ranks.")
-    eval_interval_steps: int = _opt(200, "Steps between validation runs (0: only at the end).", min=0)
-    eval_batches: int | None = _opt(None, "Cap on validation micro-batches per evaluation (default: the whole validation set).", min=1)
-    eval_mc_draws: int = _opt(4, "diffusion models: Monte-Carlo draws per sequence of the validation NELBO (val_loss is that bound).", min=1)
-    max_bad_steps: int = _opt(10, "Steps in a row with a non-finite loss or gradient norm (each skipped: no update) before the run stops with an error.", min=1)
-    save_interval_steps: int = _opt(0, "Steps between checkpoints (0: only best and final).", min=0)
-    async_checkpoint: bool = _opt(False, "FSDP: write sharded step checkpoints in the background (torch.distributed.checkpoint.async_save).")
-    progress: bool = _opt(True, "Show a progress bar (loss, lr, tok/s, ETA).")
-    plot: bool = _opt(True, "Write loss_curve.png at the end of the run from metrics.jsonl (needs jsonl in loggers, and matplotlib: pip install psann-lm[viz]).")
-    loggers: list[str] = _opt(None, "Where metrics go (rank 0 only), any of: console (a line per log interval and evaluation; the bar is `progress`), json (the same records as JSON lines on stdout, values under metrics, grad_norm also as grad_l2_norm: the diffusionlm console format, for jq), jsonl (metrics.jsonl), csv (metrics.csv, a column per metric), tensorboard (event files in the run directory's tensorboard/; pip install 'psann-lm[tensorboard]'), wandb (a Weights & Biases run with the config, files in the run directory's wandb/; pip install 'psann-lm[wandb]').", factory=lambda: ["console", "jsonl", "csv"])
-    wandb_project: str = _opt("psann-lm", "wandb only: the W&B project.")
-    wandb_run_name: str | None = _opt(None, "wandb only: the W&B run name (default: the run directory's name).")
-    wandb_entity: str | None = _opt(None, "wandb only: the W&B entity (user or team) the run belongs to (default: your W&B default).")
-    wandb_artifacts: bool = _opt(False, "wandb only: when training ends, log the final and best checkpoints (type model) and the tokenizer files (type tokenizer) as W&B artifacts.")
-    wandb_mode: str = _opt("offline", "wandb only: offline (files only, no network; upload later with `wandb sync`), online, or disabled (W&B does nothing).", choices=WANDB_MODES)
+    epochs: float = option(1.0, "Passes over the training windows (fractions allowed); ignored when max_steps or max_tokens is set.", min=0.0, min_exclusive=True)
+    max_steps: int | None = option(None, "Optimizer steps to run (overrides epochs).", min=1)
+    max_tokens: int | None = option(None, "Token budget (overrides epochs; max_steps wins if both are set).", min=1)
+    batch_tokens: int = option(16384, "Tokens per optimizer step (windows per step = batch_tokens // max_length).", min=1)
+    micro_batch_size: int | None = option(None, "Windows per forward/backward; default derives it from grad_accum_steps or a memory-friendly size.", min=1)
+    grad_accum_steps: int | None = option(None, "Micro-batches per optimizer step (default: derived from batch_tokens and micro_batch_size).", min=1)
+    lr: float = option(3e-4, "Peak learning rate.", min=0.0, min_exclusive=True)
+    min_lr: float | None = option(None, "Final learning rate of the cosine decay (default: lr / 10).", min=0.0)
+    warmup_steps: int | None = option(None, "Linear warmup steps (default: 5% of the run, at most 1000).", min=0)
+    lr_schedule: str = option("wsd", "Decay after warmup, from lr to min_lr at the last step: cosine, linear, or wsd (warmup-stable-decay: lr held until the last decay_fraction of the steps, then linear to min_lr).", choices=("cosine", "linear", "wsd"))
+    decay_fraction: float = option(0.3, "wsd only: the share of the steps, at the end, over which lr falls to min_lr.", min=0.0, max=1.0, min_exclusive=True, only={"lr_schedule": ("wsd",)})
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (never on norms, biases, embeddings or gains).", min=0.0)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0)
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this value (0 disables).", min=0.0)
+    amp: str = option("auto", "Precision: auto (bf16 where it is fast, else fp32), bf16, fp16 (with loss scaling), fp32.", choices=AMP_CHOICES)
+    ddp: str = option("auto", "DDP across torchrun processes: auto (on when WORLD_SIZE > 1 and fsdp is off), on, off.", choices=("auto", "on", "off"))
+    fsdp: str = option("off", "FSDP2 sharding under torchrun: full_shard (params, grads, optimizer state), shard_grad_op (keep gathered weights from forward to backward), hybrid (shard within a node, replicate across nodes), off.", choices=("off", "full_shard", "shard_grad_op", "hybrid"))
+    fsdp_cpu_offload: bool = option(False, "FSDP: keep parameter, gradient and optimizer shards in CPU memory (CUDA only; slower, fits larger models).")
+    optimizer: str = option("auto", "auto (muon, or adamw under FSDP; the measured default, docs/results/recipe.md); adamw; zero_adamw (AdamW state sharded across DDP ranks); adamw8bit (bitsandbytes, CUDA; falls back to adamw with a message); adafactor; muon (torch.optim.Muon for the hidden weight matrices, its step RMS matched to AdamW's so train.lr serves both, AdamW for embeddings, head, norms and gains; one process or DDP).", choices=("auto", "adamw", "zero_adamw", "adamw8bit", "adafactor", "muon"))
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    compile: bool = option(False, "torch.compile each block (falls back to eager with a warning where unsupported).")
+    grad_checkpoint: bool = option(False, "Activation checkpointing per block: recompute activations in backward to save memory.")
+    auto_micro_batch: bool = option(True, "On CUDA out-of-memory, halve the micro-batch and double grad accumulation (same batch_tokens), and say so.")
+    peak_tflops: float | None = option(None, "Peak TFLOP/s of one device for MFU (default: the built-in table of GPUs, or a CPU estimate).", min=0.0, min_exclusive=True)
+    seed: int = option(1337, "Seed for initialisation, data order and dropout.")
+    checkpoint_dir: str | None = option(None, "Run directory for checkpoints, metrics and plots (default: runs/<timestamp>).")
+    resume_from: str | None = option(None, "Checkpoint directory to resume from (exact continuation), or 'latest' in checkpoint_dir.")
+    init_from: str | None = option(None, "Checkpoint directory whose weights start a new run (fresh optimizer and schedule); a causal checkpoint may start a diffusion model (model.objective=diffusion, best with model.shift_logits), its mask token's embedding the mean of the others.")
+    attention_anneal_steps: int = option(0, "diffusion only: open the attention from causal to bidirectional over the first N steps (each query sees a random share step/N of the later positions; DiffuLLaMA's mask annealing), for a denoiser started from a causal checkpoint (train.init_from); 0: bidirectional from the start.", min=0)
+    log_interval_steps: int = option(10, "Steps between metric log lines.", min=1)
+    log_norms: bool = option(False, "Also log, at each log step, the weights' global L2 norm (weight_l2_norm) and the RMS of each block's output in that step's last training forward (act_rms.<block>), averaged over ranks.")
+    eval_interval_steps: int = option(200, "Steps between validation runs (0: only at the end).", min=0)
+    eval_batches: int | None = option(None, "Cap on validation micro-batches per evaluation (default: the whole validation set).", min=1)
+    eval_mc_draws: int = option(4, "diffusion models: Monte-Carlo draws per sequence of the validation NELBO (val_loss is that bound).", min=1)
+    max_bad_steps: int = option(10, "Steps in a row with a non-finite loss or gradient norm (each skipped: no update) before the run stops with an error.", min=1)
+    save_interval_steps: int = option(0, "Steps between checkpoints (0: only best and final).", min=0)
+    async_checkpoint: bool = option(False, "FSDP: write sharded step checkpoints in the background (torch.distributed.checkpoint.async_save).")
+    progress: bool = option(True, "Show a progress bar (loss, lr, tok/s, ETA).")
+    plot: bool = option(True, "Write loss_curve.png at the end of the run from metrics.jsonl (needs jsonl in loggers, and matplotlib: pip install psann-lm[viz]).")
+    loggers: list[str] = option(None, "Where metrics go (rank 0 only), any of: console (a line per log interval and evaluation; the bar is `progress`), json (the same records as JSON lines on stdout, values under metrics, grad_norm also as grad_l2_norm: the diffusionlm console format, for jq), jsonl (metrics.jsonl), csv (metrics.csv, a column per metric), tensorboard (event files in the run directory's tensorboard/; pip install 'psann-lm[tensorboard]'), wandb (a Weights & Biases run with the config, files in the run directory's wandb/; pip install 'psann-lm[wandb]').", factory=lambda: ["console", "jsonl", "csv"])
+    wandb_project: str = option("psann-lm", "wandb only: the W&B project.")
+    wandb_run_name: str | None = option(None, "wandb only: the W&B run name (default: the run directory's name).")
+    wandb_entity: str | None = option(None, "wandb only: the W&B entity (user or team) the run belongs to (default: your W&B default).")
+    wandb_artifacts: bool = option(False, "wandb only: when training ends, log the final and best checkpoints (type model) and the tokenizer files (type tokenizer) as W&B artifacts.")
+    wandb_mode: str = option("offline", "wandb only: offline (files only, no network; upload later with `wandb sync`), online, or disabled (W&B does nothing).", choices=WANDB_MODES)
 
     WANDB_ONLY: typing.ClassVar[tuple] = ("wandb_project", "wandb_run_name", "wandb_entity", "wandb_mode", "wandb_artifacts")
 
@@ -447,20 +259,20 @@ class TrainConfig(_Validated):
 
 
 @dataclass
-class GenerateConfig(_Validated):
+class GenerateConfig(Validated):
     section: typing.ClassVar[str] = "generate"
-    max_new_tokens: int = _opt(64, "Tokens to generate after the prompt.", min=0)
-    temperature: float = _opt(1.0, "Sampling temperature (0 = greedy).", min=0.0)
-    top_k: int | None = _opt(None, "Keep only the k most likely tokens.", min=1, only={"objective": ("causal",)})
-    top_p: float = _opt(1.0, "Nucleus sampling: keep the smallest set whose probability reaches p (1 disables).", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("causal",)})
-    repetition_penalty: float = _opt(1.0, "CTRL penalty for tokens already present (>1 discourages repeats).", min=0.0, min_exclusive=True, only={"objective": ("causal",)})
-    stop: list[str] = _opt(None, "Stop when any of these strings appears in the generated text.", factory=list)
-    seed: int | None = _opt(None, "Sampling seed (default: nondeterministic).")
-    steps: int | None = _opt(None, "diffusion models: denoising steps in all (default: max_new_tokens, one token per step).", min=1, only={"objective": ("diffusion",)})
-    block_length: int | None = _opt(None, "diffusion models: tokens per semi-autoregressive block; must divide max_new_tokens (default: one block).", min=1, only={"objective": ("diffusion",)})
-    remasking: str = _opt("low_confidence", "diffusion models: which masked positions a step commits: low_confidence (most probable first) or random.", choices=("low_confidence", "random"), only={"objective": ("diffusion",)})
-    cfg_scale: float = _opt(0.0, "diffusion models: classifier-free guidance scale w (logits = u + (w + 1)(c - u), prompt masked for u); 0 is off.", min=0.0, only={"objective": ("diffusion",)})
-    suppress_eos: bool = _opt(False, "diffusion models: never sample EOS (fills all max_new_tokens).", only={"objective": ("diffusion",)})
+    max_new_tokens: int = option(64, "Tokens to generate after the prompt.", min=0)
+    temperature: float = option(1.0, "Sampling temperature (0 = greedy).", min=0.0)
+    top_k: int | None = option(None, "Keep only the k most likely tokens.", min=1, only={"objective": ("causal",)})
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set whose probability reaches p (1 disables).", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("causal",)})
+    repetition_penalty: float = option(1.0, "CTRL penalty for tokens already present (>1 discourages repeats).", min=0.0, min_exclusive=True, only={"objective": ("causal",)})
+    stop: list[str] = option(None, "Stop when any of these strings appears in the generated text.", factory=list)
+    seed: int | None = option(None, "Sampling seed (default: nondeterministic).")
+    steps: int | None = option(None, "diffusion models: denoising steps in all (default: max_new_tokens, one token per step).", min=1, only={"objective": ("diffusion",)})
+    block_length: int | None = option(None, "diffusion models: tokens per semi-autoregressive block; must divide max_new_tokens (default: one block).", min=1, only={"objective": ("diffusion",)})
+    remasking: str = option("low_confidence", "diffusion models: which masked positions a step commits: low_confidence (most probable first) or random.", choices=("low_confidence", "random"), only={"objective": ("diffusion",)})
+    cfg_scale: float = option(0.0, "diffusion models: classifier-free guidance scale w (logits = u + (w + 1)(c - u), prompt masked for u); 0 is off.", min=0.0, only={"objective": ("diffusion",)})
+    suppress_eos: bool = option(False, "diffusion models: never sample EOS (fills all max_new_tokens).", only={"objective": ("diffusion",)})
 
     def check(self) -> None:
         if any(s == "" for s in self.stop):
@@ -474,7 +286,7 @@ class GenerateConfig(_Validated):
                               f"(Its sampler takes {', '.join(own)}.)")
 
 
-SECTIONS: dict[str, type[_Validated]] = {
+SECTIONS: dict[str, type[Validated]] = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "generate": GenerateConfig,
 }
 
@@ -621,7 +433,7 @@ def config_reference_markdown() -> str:
             lines += ([""] if section else []) + [f"**`{name}`**", "", "| key | default | meaning |", "|---|---|---|"]
             section = name
         meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the table cell
-        lines.append(f"| `{f.name}` | `{json.dumps(_plain(default))}` | {meaning} |")
+        lines.append(f"| `{f.name}` | `{json.dumps(plain(default))}` | {meaning} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -634,5 +446,5 @@ def config_keys_help() -> str:
         text = f.metadata["help"]
         if len(text) > 110:
             text = text[:text.rfind(" ", 0, 107)] + " ..."
-        lines.append(f"  --{name}.{f.name}  {f.type} (default {json.dumps(_plain(default))}): {text}")
+        lines.append(f"  --{name}.{f.name}  {f.type} (default {json.dumps(plain(default))}): {text}")
     return "\n".join(lines)

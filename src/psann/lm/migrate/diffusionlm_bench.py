@@ -142,10 +142,10 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps({"toml": values}, indent=2))
             return 0
-        from ..tokenizers.cli import _load  # lazy: --print-config and bad configs need no tokenizer backends
+        from ..tokenizers.cli import load_named_tokenizer  # lazy: --print-config and bad configs need no tokenizer backends
 
-        tok = _load(tok_cfg["tokenizer_dir"], tok_cfg["vocab_path"], tok_cfg["merges_path"],
-                    "[tokenizer].tokenizer_dir, or vocab_path and merges_path")
+        tok = load_named_tokenizer(tok_cfg["tokenizer_dir"], tok_cfg["vocab_path"], tok_cfg["merges_path"],
+                                   "[tokenizer].tokenizer_dir, or vocab_path and merges_path")
         texts = list(bench["texts"] or [])
         if bench["text_path"]:
             texts = [Path(bench["text_path"]).read_text(encoding="utf-8")]

@@ -73,7 +73,10 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merges", help="the merges.txt that goes with --vocab")
 
 
-def _load(tokenizer: str | None, vocab: str | None, merges: str | None, flags: str = "--tokenizer, or --vocab and --merges"):
+def load_named_tokenizer(tokenizer: str | None, vocab: str | None, merges: str | None,
+                         flags: str = "--tokenizer, or --vocab and --merges"):
+    """A saved tokenizer directory, or a GPT-2 vocab.json + merges.txt pair: exactly one of the two
+    forms, else an error naming `flags`."""
     if tokenizer and not (vocab or merges):
         return load_tokenizer(tokenizer)
     if vocab and merges and not tokenizer:
@@ -137,7 +140,7 @@ def _read_chunks(path: Path, bar: tqdm):
 
 
 def _encode(args) -> int:
-    tok = _load(args.tokenizer, args.vocab, args.merges)
+    tok = load_named_tokenizer(args.tokenizer, args.vocab, args.merges)
     path, out = Path(args.input), Path(args.out)
     _check_input(path)
     if out.is_dir():
@@ -186,11 +189,11 @@ def _to_npy(raw: Path, out: Path, dtype: np.dtype, count: int) -> None:
 
 
 def _stats(args) -> int:
-    corpora = [(args.input, _load(args.tokenizer, args.vocab, args.merges))]
+    corpora = [(args.input, load_named_tokenizer(args.tokenizer, args.vocab, args.merges))]
     if args.owt_text or args.owt_vocab or args.owt_merges:
         if not (args.owt_text and args.owt_vocab and args.owt_merges):
             raise DataError("the second corpus needs all three of --owt-text, --owt-vocab and --owt-merges.")
-        corpora.append((args.owt_text, _load(None, args.owt_vocab, args.owt_merges, "--owt-vocab and --owt-merges")))
+        corpora.append((args.owt_text, load_named_tokenizer(None, args.owt_vocab, args.owt_merges, "--owt-vocab and --owt-merges")))
     results = [_bytes_per_token(Path(path), tok, args) for path, tok in corpora]
     print(json.dumps(results[0] if len(results) == 1 else {"corpora": results}, indent=2))
     print("; ".join(f"{Path(r['input']).name} ({r['vocab_size']:,} ids): {r['bytes_per_token']:.3f} bytes/token"

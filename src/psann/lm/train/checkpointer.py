@@ -17,6 +17,7 @@ from ..tokenizers import load_tokenizer, tokenizer_fingerprint
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_gather_object
 from .optim import resolved_optimizer
+from .resume import load_model_and_optimizer, load_training_state
 from .sharded import full_optimizer_state, on_main_rank, save_fsdp_checkpoint
 
 log = logging.getLogger("psann.lm")
@@ -131,14 +132,14 @@ class Checkpointer:
         resolve_latest has made "latest" a path); -> its trainer state."""
         where = str(ckpt.resolve_checkpoint(where))
         their_config = check_resumable(where, self.config, self.tokenizer)
-        state, rng = ckpt.load_training_state(where)
+        state, rng = load_training_state(where)
         theirs = resolved_optimizer(their_config.train.optimizer, state.get("parallel", "none"))
         mine = resolved_optimizer(self.config.train.optimizer, self.mode)
         if (theirs == "muon") != (mine == "muon"):  # their states have different parameter groups
             raise ConfigError(f"cannot resume from {where}: it holds {theirs}'s optimizer state and this run would "
                               f"train with {mine} (train.optimizer={self.config.train.optimizer}). Resume with "
                               f"train.optimizer={theirs}, or start a new run from its weights with train.init_from={where}.")
-        ckpt.load_model_and_optimizer(where, self.model, self.optimizer, sharded_model=self.mode == "fsdp")
+        load_model_and_optimizer(where, self.model, self.optimizer, sharded_model=self.mode == "fsdp")
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         rank = self.dist.rank

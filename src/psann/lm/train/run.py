@@ -30,6 +30,7 @@ from ..objectives import objective_for
 from . import checkpoint as ckpt
 from .distributed import DistInfo, barrier, broadcast_object, init_distributed, teardown
 from .plan import planned_epochs
+from .resume import latest_checkpoint
 from .trainer import Trainer, resolve_device
 
 log = logging.getLogger("psann.lm")
@@ -201,7 +202,7 @@ def resolve_latest(config: RunConfig, info: DistInfo | None = None) -> RunConfig
     if train.resume_from != "latest":
         return config
     main = info is None or info.is_main
-    latest = broadcast_object(str(ckpt.latest_checkpoint(train.checkpoint_dir)) if main else None, info or DistInfo())
+    latest = broadcast_object(str(latest_checkpoint(train.checkpoint_dir)) if main else None, info or DistInfo())
     return dataclasses.replace(config, train=dataclasses.replace(train, resume_from=latest))
 
 
