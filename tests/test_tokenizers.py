@@ -13,6 +13,7 @@ import sentencepiece
 import tokenizers
 
 from psann.lm.errors import CheckpointError, ConfigError, DataError
+from psann.lm.infer.generate import IncrementalText
 from psann.lm.tokenizers import (
     TOKENIZER_KINDS,
     Tokenizer,
@@ -65,6 +66,24 @@ def test_separately_encoded_pieces_concatenate(trained, kind):
     parts = ["Once upon", " a time", "\nthe end"]
     joined = [i for part in parts for i in tok.encode(part)]
     assert tok.decode(joined) == "".join(parts)
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe", *SUBWORD_KINDS])
+def test_incremental_text_equals_a_whole_decode_at_every_token(trained, kind, monkeypatch):
+    # Streaming (chat, the server) decodes only the tail of the growing ids; at every token it must
+    # give what decoding them all gives: characters split across byte tokens, special tokens, spaces.
+    tok = trained[kind] if kind in trained else build_tokenizer(kind, CORPUS, vocab_size=400)
+    ids = [i for text in SAMPLES for i in tok.encode(text, add_bos=True, add_eos=True)]
+    rng = random.Random(0)
+    ids += [rng.randrange(tok.vocab_size) for _ in range(200)]  # any ids: stray continuation bytes too
+    stream, decoded = IncrementalText(tok), []
+    real = tok.decode
+    for n in range(1, len(ids) + 1):
+        expected = real(ids[:n], skip_special_tokens=True)
+        monkeypatch.setattr(tok, "decode", lambda part, **kw: decoded.append(len(part)) or real(part, **kw))
+        assert stream.text(ids[:n]) == expected, n
+        monkeypatch.undo()
+    assert max(decoded) < len(ids) // 4  # the tail, not the whole list
 
 
 def test_char_round_trip_and_unknown_chars(trained):

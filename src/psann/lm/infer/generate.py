@@ -16,12 +16,12 @@ def generate_text(model: nn.Module, tokenizer, objective: Objective, encoded: li
     """Text generated after each token-id prompt. A row ends at EOS, at any of `stop_ids` (not
     included) or at a `gen.stop` string (cut); `on_text(row, text_so_far)` streams the text of a
     row as it grows (a sampler that fills all positions at once reports each row when done)."""
-    streamed = set()
+    streamed, growing = set(), [IncrementalText(tokenizer) for _ in encoded]
 
     def should_stop(row: int, new_ids: list[int]) -> bool:
         if new_ids[-1] in stop_ids:
             return True
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        text = growing[row].text(new_ids)
         if on_text is not None:
             streamed.add(row)
             on_text(row, text)
@@ -43,3 +43,26 @@ def cut_at_ids(ids: list[int], stop_ids: set[int]) -> list[int]:
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+class IncrementalText:
+    """The text of a growing list of ids, equal to tokenizer.decode(ids, skip_special_tokens=True)
+    at every call but decoding only the tail, so streaming n tokens costs O(n), not O(n^2). Text up
+    to token `read` is settled (it ended on a whole character); each call decodes from `prefix`,
+    the settled token window before that, so rules that look at neighbouring tokens (a leading
+    space dropped at the start, a character split across byte tokens) act as in a whole decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.settled, self.prefix, self.read = tokenizer, "", 0, 0
+
+    def text(self, ids: Sequence[int]) -> str:
+        before = self.tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
+        window = self.tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
+        if len(ids) < self.read or not window.startswith(before):  # not the list it was given, or a decoder that rewrites
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        tail = window[len(before):]
+        if tail and not tail.endswith("\ufffd"):  # a whole character last: settle it
+            self.settled += tail
+            self.prefix, self.read = self.read, len(ids)
+            return self.settled
+        return self.settled + tail

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..config import GenerateConfig
-from ..infer.generate import cut_at_stop
+from ..infer.generate import IncrementalText, cut_at_stop
 from ..objectives import objective_for
 from ..objectives.causal import choose_next
 
@@ -49,6 +49,7 @@ class Job:
     text: str = ""
     generator: torch.Generator | None = None
     tokenizer: object = None  # set by Engine.submit
+    decoded: IncrementalText | None = None
 
     def add(self, token: int, eos_id: int | None) -> str | None:
         """Take the next token; -> the finish reason when the job ends with it ("stop", "length")."""
@@ -65,7 +66,9 @@ class Job:
         return "length" if len(self.ids) >= self.gen.max_new_tokens else None
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)  # as generation does
+        if self.decoded is None:
+            self.decoded = IncrementalText(self.tokenizer)  # skips special tokens, as generation does
+        return self.decoded.text(self.ids)
 
 
 class SlotCache:
