@@ -77,9 +77,8 @@ class TransformerLM(LanguageModel):
         x = run_blocks(self.blocks, self.drop(x), rope=self.rope, causal=self.config.causal, cache=cache,
                        attention_mask=attention_mask, position_ids=position_ids, token_ids=input_ids,
                        visible=visible)
+        if self.config.shift_logits:  # position i read from i - 1, as the causal head it may start from
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # before the head: d_model wide, not vocabulary wide
         if last_only:
             x = x[:, -1:]
-        logits = soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)
-        if self.config.shift_logits:  # position i read from i - 1, as the causal head it may start from
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        return soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)
