@@ -67,16 +67,17 @@ def matched_configs(args, vocab: int) -> dict[str, ModelConfig]:
     return configs
 
 
-def seconds_per_step(dp, configs: dict[str, ModelConfig], args, steps: int = 14) -> dict[str, float]:
-    """Median seconds per optimizer step of each base in the real training loop (a short fit,
-    timed from its own per-step metrics, first 4 steps dropped). A synthetic fwd/bwd loop did not
-    predict the loop's cost well enough (off by up to 15% between bases) to equalise budgets."""
+def seconds_per_step(dp, configs: dict[str, ModelConfig], args, steps: int = 14, **fit_options) -> dict[str, float]:
+    """Median seconds per optimizer step of each base in the real training loop (a short fit with
+    `fit_options`, timed from its own per-step metrics, first 4 steps dropped). A synthetic fwd/bwd
+    loop did not predict the loop's cost well enough (off by up to 15% between bases) to equalise
+    budgets."""
     result = {}
     for base, config in configs.items():
         lm = psannLM(**config.to_dict())
         with tempfile.TemporaryDirectory() as out:
             lm.fit(dp, max_steps=steps, batch_tokens=args.batch_tokens, lr=1e-3, warmup_steps=1, eval_interval_steps=0,
-                   log_interval_steps=1, progress=False, plot=False, checkpoint_dir=out, eval_batches=1)
+                   log_interval_steps=1, progress=False, plot=False, checkpoint_dir=out, eval_batches=1, **fit_options)
             elapsed = [json.loads(line)["elapsed_s"] for line in open(Path(out) / "metrics.jsonl") if '"train"' in line]
         result[base] = statistics.median(b - a for a, b in zip(elapsed[4:], elapsed[5:]))
     return result

@@ -380,6 +380,16 @@ def test_a_causal_checkpoint_starts_a_diffusion_model_with_shifted_logits(dp, tm
         ModelConfig(shift_logits=True)
 
 
+def test_shifted_logits_read_each_position_from_the_one_before_it():
+    plain = tiny_denoiser(length=12)
+    shifted = build_model(ModelConfig(**{**plain.config.__dict__, "shift_logits": True})).eval()
+    shifted.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 9, (3, 12))
+    ours, theirs = shifted(x), plain(x)
+    assert torch.allclose(ours[:, 1:], theirs[:, :-1], atol=1e-6) and torch.allclose(ours[:, 0], theirs[:, 0], atol=1e-6)
+    assert torch.allclose(shifted(x, last_only=True)[:, -1], ours[:, -1], atol=1e-6)
+
+
 def test_attention_anneal_opens_the_causal_pattern_and_changes_training(dp, tmp_path):
     from safetensors.torch import load_file
 

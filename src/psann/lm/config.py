@@ -72,7 +72,6 @@ class ModelConfig(Validated):
     noise_epsilon: float = option(1e-3, "diffusion only: masking probability p = (1 - eps) t + eps, so no sequence goes unmasked and 1/p stays <= 1/eps.", min=0.0, max=1.0, min_exclusive=True, only={"objective": ("diffusion",)})
     random_trunc_prob: float = option(0.01, "diffusion only: probability that a training batch is cut to a random length in [1, max_length].", min=0.0, max=1.0, only={"objective": ("diffusion",)})
     shift_logits: bool = option(False, "diffusion only: predict each position from the output one position to its left, as a causal LM's head does (DiffuLLaMA, Dream; the first position keeps its own), so a causal checkpoint (train.init_from) starts the denoiser where it left off.", only={"objective": ("diffusion",)})
-    diffusion_block: int | None = option(None, "diffusion only: a block diffusion LM (BD3-LM, SDAR) over blocks of this many tokens: each block is denoised given the clean tokens before it, read through the token before the block as a causal LM's head reads, so a causal checkpoint (train.init_from) starts it where it left off; trained, scored (its NELBO) and sampled block by block. None: the whole window is one masked-diffusion sequence (MDLM).", min=1, only={"objective": ("diffusion",)})
     t_sampling: str = option("stratified", "diffusion only: how the batch's noise levels t are drawn: uniform (independent), stratified ((i + u) / B), antithetic (t and 1 - t pairs).", choices=("uniform", "stratified", "antithetic"), only={"objective": ("diffusion",)})
     sine_params: dict[str, Any] | None = option(None, "Sine activation of the PSANN bases: amp_init, freq_init, damp_init, *_init_std, decay_mode (abs|relu|none), trainable, learnable (subset of amplitude/frequency/decay), amp/freq/damp_bounds, lr_mult.")
     layer_type: str = option("transformer", "Blocks of the byte-level bases (byte, hnet): transformer (attention + SwiGLU) or hgrn_bit (HGRN gated linear recurrence + GLU, BitLinear ternary weights / int8 activations).", choices=("transformer", "hgrn_bit"),
@@ -102,9 +101,6 @@ class ModelConfig(Validated):
         if self.layer_type == "hgrn_bit" and (self.qk_norm or self.mlp != "swiglu" or self.value_embeddings):  # qk_norm None: its default, off here
             raise ConfigError("'model.qk_norm', 'model.mlp' and 'model.value_embeddings' shape attention blocks; "
                               "layer_type hgrn_bit has a recurrence and its own GLU. Remove them or use layer_type transformer.")
-        if self.diffusion_block and self.shift_logits:
-            raise ConfigError("'model.shift_logits' and 'model.diffusion_block' both read a block from the token before it; "
-                              "block diffusion does it by itself. Remove model.shift_logits.")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"'model.n_heads' ({self.n_heads}) must be divisible by 'model.n_kv_heads' ({self.n_kv_heads}).")
 
@@ -273,7 +269,7 @@ class GenerateConfig(Validated):
     stop: list[str] = option(None, "Stop when any of these strings appears in the generated text.", factory=list)
     seed: int | None = option(None, "Sampling seed (default: nondeterministic).")
     steps: int | None = option(None, "diffusion models: denoising steps in all (default: max_new_tokens, one token per step).", min=1, only={"objective": ("diffusion",)})
-    block_length: int | None = option(None, "diffusion models: tokens per semi-autoregressive block; must divide max_new_tokens (default: one block). A block diffusion model (model.diffusion_block) samples its own blocks (the last may be shorter).", min=1, only={"objective": ("diffusion",)})
+    block_length: int | None = option(None, "diffusion models: tokens per semi-autoregressive block; must divide max_new_tokens (default: one block).", min=1, only={"objective": ("diffusion",)})
     remasking: str = option("low_confidence", "diffusion models: which masked positions a step commits: low_confidence (most probable first) or random.", choices=("low_confidence", "random"), only={"objective": ("diffusion",)})
     cfg_scale: float = option(0.0, "diffusion models: classifier-free guidance scale w (logits = u + (w + 1)(c - u), prompt masked for u); 0 is off.", min=0.0, only={"objective": ("diffusion",)})
     suppress_eos: bool = option(False, "diffusion models: never sample EOS (fills all max_new_tokens).", only={"objective": ("diffusion",)})

@@ -199,9 +199,6 @@ class Scorer:
             raise ConfigError(f"max_length={max_length} must be in 2..{limit}, the context this checkpoint "
                               "was built for; leave it unset to use all of it.")
         diffusion = None
-        if config.diffusion_block:
-            raise ConfigError("a block diffusion model (model.diffusion_block) has no continuation scorer here; score its "
-                              "text with `psannlm eval` (its block NELBO).")
         if not objective_for(config).exact_likelihood:
             if mc_draws < 1:
                 raise ConfigError(f"mc_draws={mc_draws}: a diffusion bound needs at least one draw.")

@@ -40,10 +40,6 @@ def check_model_config(config: ModelConfig) -> type[LanguageModel]:
         either = ", ".join(b for b, c in MODEL_REGISTRY.items() if not c.causal_only)
         raise ConfigError(f"objective diffusion needs bidirectional attention over all positions; {cls.causal_only}. "
                           f"Use base {either}.")
-    if config.diffusion_block and cls.no_block_layout:
-        either = ", ".join(b for b, c in MODEL_REGISTRY.items() if not (c.causal_only or c.no_block_layout))
-        raise ConfigError(f"'model.diffusion_block' lays each window out as a clean stream and one segment per block, "
-                          f"side by side; {cls.no_block_layout}. Use base {either}, or unset model.diffusion_block.")
     if config.sine_params is not None and not cls.sine_params:
         sine = ", ".join(b for b, c in MODEL_REGISTRY.items() if c.sine_params)
         raise ConfigError(f"'model.sine_params' configures the sine activation of the PSANN bases ({sine}); "

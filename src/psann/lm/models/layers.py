@@ -304,7 +304,6 @@ class LanguageModel(nn.Module):
     tokenizer: ClassVar[str | None] = None    # the tokenizer kind it reads (e.g. "byte"); None: any
     vocab_size: ClassVar[int | None] = None   # the vocabulary that tokenizer fixes
     causal_only: ClassVar[str] = ""           # why it cannot attend both ways (objective diffusion); "": it can
-    no_block_layout: ClassVar[str] = ""       # why it cannot read block diffusion's layout (model.diffusion_block); "": it can
     sine_params: ClassVar[bool] = False       # takes model.sine_params (the PSANN sine activation)
 
     @classmethod

@@ -60,8 +60,6 @@ class WaveDecoderBlock(DecoderBlock):
 
 
 class WaveResNetLM(ResPSANNLM):
-    no_block_layout = "waveresnet's convolutions mix neighbouring positions, which there belong to different blocks"
-
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         for module in self.modules():

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .base import ModelInput, Objective, causal_lm_loss_sum, cross_entropy_sum
-from .block_diffusion import BlockDiffusion
+from .base import Objective, causal_lm_loss_sum, cross_entropy_sum
 from .causal import CausalLM
 from .diffusion import MaskedDiffusion
 
@@ -13,9 +12,7 @@ OBJECTIVES: dict[str, type[Objective]] = {"causal": CausalLM, "diffusion": Maske
 
 def objective_for(config: ModelConfig) -> Objective:
     """The objective `config` trains with (its keys, e.g. the mask id, read from `config`)."""
-    if config.objective == "diffusion" and config.diffusion_block:
-        return BlockDiffusion(config)
     return OBJECTIVES[config.objective](config)
 
 
-__all__ = ["OBJECTIVES", "ModelInput", "Objective", "objective_for", "causal_lm_loss_sum", "cross_entropy_sum"]
+__all__ = ["OBJECTIVES", "Objective", "objective_for", "causal_lm_loss_sum", "cross_entropy_sum"]

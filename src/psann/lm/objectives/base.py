@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -17,21 +16,6 @@ from ..config import GenerateConfig, ModelConfig
 from ..data.shards import IGNORE_INDEX, Windows
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
-
-
-@dataclass
-class ModelInput:
-    """Input ids and the model keyword arguments that go with them (a layout's own positions and
-    attention pattern), where a batch needs more than the ids."""
-
-    ids: torch.Tensor
-    kwargs: dict
-
-    def to(self, device, non_blocking: bool = False) -> "ModelInput":
-        def move(value):
-            return value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
-
-        return ModelInput(move(self.ids), {k: move(v) for k, v in self.kwargs.items()})
 StopCheck = Callable[[int, list[int]], bool]
 
 

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from ..data.shards import IGNORE_INDEX, Windows
 from ..data.sft import response_positions
 from ..errors import ConfigError
-from .base import Autocast, ModelInput, Objective, rank_batches
-from .block_layout import block_layout, block_targets, laid_out
+from .base import Autocast, Objective, rank_batches
 
 
 class MaskedDiffusion(Objective):
@@ -52,13 +51,10 @@ class MaskedDiffusion(Objective):
             maskable = response_positions(y)
         else:
             maskable = x != pad_id if bool((x == pad_id).any()) else None
-        noised = self.noise(x, maskable)
-        return noised.inputs, noised, noised.n_tokens
-
-    def noise(self, x: torch.Tensor, maskable: torch.Tensor | None) -> "DiffusionBatch":
         c = self.config
-        return diffusion_batch(x, mask_id=c.mask_token_id, eps=c.noise_epsilon, t_sampling=c.t_sampling,
-                               trunc_prob=c.random_trunc_prob, maskable=maskable)
+        noised = diffusion_batch(x, mask_id=c.mask_token_id, eps=c.noise_epsilon, t_sampling=c.t_sampling,
+                                 trunc_prob=c.random_trunc_prob, maskable=maskable)
+        return noised.inputs, noised, noised.n_tokens
 
     def loss_sum(self, logits, target, label_smoothing=0.0):
         return diffusion_loss_sum(logits, target)
@@ -68,7 +64,7 @@ class MaskedDiffusion(Objective):
         """The Monte-Carlo NELBO (an upper bound on the NLL), the same masks at every evaluation."""
         r = evaluate_nelbo(model, windows, batch_size, device, mask_id=self.config.mask_token_id, draws=draws,
                            seed=seed, pad_id=pad_id, max_batches=max_batches, autocast=autocast, rank=rank,
-                           world_size=world_size, block=self.config.diffusion_block)
+                           world_size=world_size)
         return {"loss_sum": r["nelbo_sum"], "tokens": r["tokens"], "variance": r["variance"]}
 
     def summary(self, sums):
@@ -93,12 +89,11 @@ class MaskedDiffusion(Objective):
 # -- noising and the training loss -------------------------------------------------------------
 @dataclass
 class DiffusionBatch:
-    """A noised batch: `inputs` with masked positions replaced by the mask id (block diffusion: a
-    ModelInput of its layout), `targets` holding the clean token at masked positions (IGNORE_INDEX
-    elsewhere), `weights` 1/p_mask per row (block diffusion: per target), and `n_tokens`, the real
-    tokens the loss is normalised by (all of them, masked or not)."""
+    """A noised batch: `inputs` with masked positions replaced by the mask id, `targets` holding
+    the clean token at masked positions (IGNORE_INDEX elsewhere), `weights` 1/p_mask per row, and
+    `n_tokens`, the real tokens the loss is normalised by (all of them, masked or not)."""
 
-    inputs: torch.Tensor | ModelInput
+    inputs: torch.Tensor
     targets: torch.Tensor
     weights: torch.Tensor
     n_tokens: int
@@ -119,15 +114,6 @@ def sample_noise_levels(n: int, mode: str, generator: torch.Generator | None = N
     raise ValueError(f"unknown t_sampling {mode!r}")
 
 
-def random_truncation(x: torch.Tensor, maskable: torch.Tensor | None, trunc_prob: float,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """With probability `trunc_prob`, the batch (and its maskable positions) cut to a random length in [1, L]."""
-    if trunc_prob and float(torch.rand(1, generator=generator)) < trunc_prob:
-        keep = int(torch.randint(1, x.shape[1] + 1, (1,), generator=generator))
-        return x[:, :keep], maskable[:, :keep] if maskable is not None else None
-    return x, maskable
-
-
 def diffusion_batch(x: torch.Tensor, *, mask_id: int, eps: float, t_sampling: str = "stratified",
                     trunc_prob: float = 0.0, maskable: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> DiffusionBatch:
@@ -135,8 +121,11 @@ def diffusion_batch(x: torch.Tensor, *, mask_id: int, eps: float, t_sampling: st
     token masked independently with probability p_mask. With probability `trunc_prob` the whole
     batch is first cut to a random length in [1, L]. `maskable` (B, L) excludes positions that are
     never masked (an SFT prompt) or not real (padding: pass False there and they are not counted)."""
-    x, maskable = random_truncation(x, maskable, trunc_prob, generator)
-    B = len(x)
+    B, L = x.shape
+    if trunc_prob and float(torch.rand(1, generator=generator)) < trunc_prob:
+        keep = int(torch.randint(1, L + 1, (1,), generator=generator))
+        x = x[:, :keep]
+        maskable = maskable[:, :keep] if maskable is not None else None
     p_mask = (1 - eps) * sample_noise_levels(B, t_sampling, generator) + eps
     draws = torch.rand(x.shape, generator=generator)
     masked = draws < p_mask[:, None]
@@ -159,10 +148,10 @@ def annealed_visibility(length: int, share: float, generator: torch.Generator | 
 def diffusion_loss_sum(logits: torch.Tensor, batch: DiffusionBatch) -> torch.Tensor:
     """Sum over masked positions of CE / p_mask (divide by `batch.n_tokens` for the per-token
     negative ELBO estimate; the trainer divides by the step's tokens over all micro-batches)."""
-    targets, weights = batch.targets.to(logits.device), batch.weights.to(logits.device)
+    targets = batch.targets.to(logits.device)
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                          reduction="none").view_as(targets)
-    return (ce.sum(1) * weights).sum() if weights.dim() == 1 else (ce * weights).sum()
+    return (ce.sum(1) * batch.weights.to(logits.device)).sum()
 
 
 # -- the held-out bound ---------------------------------------------------------------------------
@@ -170,7 +159,7 @@ def diffusion_loss_sum(logits: torch.Tensor, batch: DiffusionBatch) -> torch.Ten
 def evaluate_nelbo(model: nn.Module, windows: Windows, batch_size: int, device: torch.device, *, mask_id: int,
                    draws: int = 16, seed: int = 0, pad_id: int | None = None, max_batches: int | None = None,
                    autocast: Autocast = contextlib.nullcontext,
-                   rank: int = 0, world_size: int = 1, block: int | None = None) -> dict[str, float]:
+                   rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """Monte-Carlo negative ELBO of a masked diffusion LM over `windows` (the inputs x of each).
 
     For each sequence and draw d of `draws`, t = (d + u) / draws (stratified, one u per sequence),
@@ -179,9 +168,7 @@ def evaluate_nelbo(model: nn.Module, windows: Windows, batch_size: int, device: 
     unbiased estimate of the sequence's NELBO >= its NLL. Returns the summed NELBO, the token
     count, and the summed per-sequence variance of the mean (for the standard error; it ignores
     the gain from stratification, so it is conservative). Masks are drawn from `seed`, so two
-    evaluations of the same model see the same masks. With `block` (a block diffusion model) each
-    block has its own u and t, is scored given the clean blocks before it, and the draw sums the
-    blocks' bounds.
+    evaluations of the same model see the same masks.
     """
     was_training = model.training
     model.eval()
@@ -193,24 +180,17 @@ def evaluate_nelbo(model: nn.Module, windows: Windows, batch_size: int, device: 
         else:
             real = torch.ones(x.shape, dtype=torch.bool) if pad_id is None else x != pad_id
         real[n_real:] = False  # the padding windows of a short last batch
-        layout = block_layout(x.shape[1], block) if block else None
-        u = torch.rand(len(x), 1 if layout is None else int(layout.block_of[-1]) + 1, generator=generator)
+        u = torch.rand(len(x), generator=generator)
         scores = torch.zeros(len(x), draws, dtype=torch.float64)
         for d in range(draws):
             t = (d + u) / draws
-            masked = (torch.rand(x.shape, generator=generator) < (t if layout is None else t[:, layout.block_of])) & real
-            if layout is None:
-                inputs = torch.where(masked, torch.full_like(x, mask_id), x).to(device)
-                targets, weights = x, masked / t
-            else:
-                inputs = laid_out(x, masked, layout, mask_id).to(device)
-                targets, target_block = block_targets(x, masked, layout)
-                weights = (targets != IGNORE_INDEX) / t[:, target_block]
+            masked = (torch.rand(x.shape, generator=generator) < t[:, None]) & real
+            inputs = torch.where(masked, torch.full_like(x, mask_id), x).to(device)
             with autocast():
-                logits = model(inputs) if layout is None else model(inputs.ids, **inputs.kwargs)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="none").view(targets.shape).cpu()
-            scores[:, d] = (ce * weights).sum(1).double()
+                logits = model(inputs)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), x.to(device).flatten(),
+                                                   reduction="none").view(x.shape).cpu()
+            scores[:, d] = ((ce * masked).sum(1) / t).double()
         total += float(scores.mean(1).sum())
         tokens += int(real.sum())
         if draws > 1:
@@ -242,20 +222,6 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logits + temperature * gumbel).argmax(-1)
-
-
-def commit_step(x: torch.Tensor, logits: torch.Tensor, eligible: torch.Tensor, k: int, temperature: float,
-                remasking: str, generator: torch.Generator | None) -> None:
-    """One denoising step in place: draw a candidate for every position of x (B, n) from logits,
-    and commit the k `eligible` positions of each row with the highest confidence."""
-    candidates = gumbel_argmax(logits, temperature, generator)
-    if remasking == "low_confidence":
-        confidence = torch.gather(logits.double().softmax(-1), -1, candidates[..., None])[..., 0]
-    else:
-        confidence = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-    confidence = torch.where(eligible, confidence, torch.full_like(confidence, float("-inf")))
-    chosen = confidence.topk(k, dim=-1).indices
-    x.scatter_(1, chosen, candidates.gather(1, chosen))
 
 
 @torch.no_grad()
@@ -317,10 +283,18 @@ def diffusion_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, ma
                 else:
                     predict()  # what a sampler without the reuse pays
                 continue
+            logits = predict()
+            candidates = gumbel_argmax(logits, temperature, generator)
+            if remasking == "low_confidence":
+                confidence = torch.gather(logits.double().softmax(-1), -1, candidates[..., None])[..., 0]
+            else:
+                confidence = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(device)
             eligible = x == mask_id
             eligible[:, :start] = False
             eligible[:, end:] = False
-            commit_step(x, predict(), eligible, k, temperature, remasking, generator)
+            confidence = torch.where(eligible, confidence, torch.full_like(confidence, float("-inf")))
+            chosen = confidence.topk(k, dim=-1).indices
+            x.scatter_(1, chosen, candidates.gather(1, chosen))
     model.train(was_training)
     rows = x[:, width:].tolist()
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]

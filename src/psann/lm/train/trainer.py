@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, dump_config
 from ..data.shards import Loader, Windows
 from ..errors import ConfigError, TrainingError
-from ..objectives import ModelInput, objective_for
+from ..objectives import objective_for
 from ..objectives.diffusion import annealed_visibility
 from ..profiling import memory_snapshot_from_env, nvtx_range
 from .loggers import Loggers, open_loggers
@@ -135,10 +135,6 @@ class Trainer:
             self.best_val = state.get("best_val_loss", math.inf)
             self.skipped_steps, self.resumed_step = state.get("skipped_steps", 0), self.step
         self.model_has_aux = "return_aux" in inspect.signature(self.model.forward).parameters
-        if cfg.attention_anneal_steps and config.model.diffusion_block:
-            raise ConfigError("'train.attention_anneal_steps' opens a whole-window denoiser's attention from causal; a "
-                              "block diffusion model (model.diffusion_block) attends causally across blocks already. "
-                              "Remove one of them.")
         if cfg.attention_anneal_steps >= self.plan.total_steps:
             raise ConfigError(f"'train.attention_anneal_steps' ({cfg.attention_anneal_steps}) must be below the run's "
                               f"{self.plan.total_steps} steps, or the model never trains with the bidirectional "
@@ -147,11 +143,9 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(self.plan.max_length)
         self.peak_tflops, self.peak_source = peak_tflops(device, self.amp_dtype, cfg.peak_tflops)
 
-    def _forward(self, x: torch.Tensor | ModelInput) -> tuple[torch.Tensor, dict | None]:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         """(logits, aux) where aux is a model's auxiliary loss and metrics (H-Net's ratio loss), or None."""
         kwargs = {"return_aux": True} if self.model_has_aux else {}
-        if isinstance(x, ModelInput):  # a layout of its own (block diffusion): positions, attention pattern
-            x, kwargs = x.ids, {**kwargs, **x.kwargs}
         if self.step < self.cfg.attention_anneal_steps:  # drawn from the global RNG, so resumes repeat it
             kwargs["visible"] = annealed_visibility(x.shape[1], (self.step + 1) / self.cfg.attention_anneal_steps)
         try:
