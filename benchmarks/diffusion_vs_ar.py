@@ -134,11 +134,15 @@ def main(argv=None) -> None:
     kinds = {"causal": {}, "diffusion": {"objective": "diffusion"}}  # model keys of each kind of run
     if args.causal_dropout:  # on the residual branches, as the default recipe's rule puts it
         kinds["causal_dropout"] = {"dropout": args.causal_dropout, "attention_dropout": 0.0}
-    step_s = {}
-    for kind, keys in kinds.items():
+
+    def step_seconds(kind: str, model: dict | None = None, **fit_options) -> float:
+        """The calibrated step time of a run of `kind` with `model` keys on top."""
         extra = {"mask_token_id": dp.vocab_size} if kind == "diffusion" else {}
-        cfg = ModelConfig(**{**common, **keys}, **extra, vocab_size=dp.vocab_size + bool(extra), max_seq_len=args.seq)
-        step_s[kind] = seconds_per_step(dp, {kind: cfg}, argparse.Namespace(batch_tokens=args.batch_tokens))[kind]
+        cfg = ModelConfig(**{**common, **kinds[kind], **(model or {})}, **extra,
+                          vocab_size=dp.vocab_size + bool(extra), max_seq_len=args.seq)
+        return seconds_per_step(dp, {kind: cfg}, argparse.Namespace(batch_tokens=args.batch_tokens), **fit_options)[kind]
+
+    step_s = {kind: step_seconds(kind) for kind in kinds}
 
     def fit_and_score(name: str, kind: str, steps: int, tmp_dir: str, lr: float = args.lr, **options) -> dict:
         objective = "diffusion" if kind == "diffusion" else "causal"
@@ -188,10 +192,7 @@ def main(argv=None) -> None:
             start = f"{tmp}/causal_pretrain_{share}/checkpoints/final"
             # The rest of the budget, at the step time of a denoiser started from this checkpoint as it
             # will run (started ones ran ~8% slower per step than one from random weights).
-            adapt = ModelConfig(**common, **kinds["diffusion"], shift_logits=True, mask_token_id=dp.vocab_size,
-                                vocab_size=dp.vocab_size + 1, max_seq_len=args.seq)
-            adapt_s = seconds_per_step(dp, {"adapt": adapt}, argparse.Namespace(batch_tokens=args.batch_tokens),
-                                       init_from=start)["adapt"]
+            adapt_s = step_seconds("diffusion", {"shift_logits": True}, init_from=start)
             adapt_steps = max(10, int((args.budget_s - pre["train_s"]) / adapt_s))
             for anneal, lr, dropout in itertools.product(args.anneal_shares, args.adapt_lrs, args.adapt_dropouts):
                 name = (f"diffusion_from_causal_{share}" + (f"_anneal_{anneal}" if anneal else "")

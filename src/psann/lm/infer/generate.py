@@ -54,15 +54,16 @@ class IncrementalText:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.settled, self.prefix, self.read = tokenizer, "", 0, 0
+        self.before = ""  # the decode of ids[prefix:read], which changes only when text settles
 
     def text(self, ids: Sequence[int]) -> str:
-        before = self.tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
         window = self.tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
-        if len(ids) < self.read or not window.startswith(before):  # not the list it was given, or a decoder that rewrites
+        if len(ids) < self.read or not window.startswith(self.before):  # not the list it was given, or a decoder that rewrites
             return self.tokenizer.decode(ids, skip_special_tokens=True)
-        tail = window[len(before):]
+        tail = window[len(self.before):]
         if tail and not tail.endswith("\ufffd"):  # a whole character last: settle it
             self.settled += tail
             self.prefix, self.read = self.read, len(ids)
+            self.before = self.tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
             return self.settled
         return self.settled + tail
